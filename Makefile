@@ -1,0 +1,41 @@
+# Two set-up commands for a fresh machine with Python 3.11 and pip:
+#   make demo   - create .venv if missing, install, run the tiny pipeline end to end (dvc repro)
+#   make test   - create .venv if missing, install, lint, type-check and run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: demo test lint pytest slow clean-artifacts
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "openrelease needs Python >= 3.11; set PYTHON=python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@test -f params.yaml || cp pipelines/tiny.yaml params.yaml
+	$(BIN)/dvc repro
+	@$(BIN)/openrelease summary
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check openrelease tests bench
+	$(BIN)/ruff check openrelease tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+pytest: $(STAMP)
+	$(BIN)/pytest -m "not gpu"
+
+test: lint pytest
+
+slow: $(STAMP)
+	$(BIN)/pytest -m "slow"
+
+clean-artifacts:
+	rm -rf artifacts release mlflow.db mlruns

@@ -1,0 +1,225 @@
+"""The `openrelease` command line: parse, call one library function, render. Only here we print.
+
+Errors a user can fix print one line and exit 1; usage errors exit 2; tracebacks need
+OPENRELEASE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+import yaml
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from openrelease import __version__
+from openrelease.errors import OpenReleaseError
+from openrelease.params import PipelineParams, StageName, load_params
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+app = typer.Typer(
+    name="openrelease",
+    help="Reproducible, verifiable, MOF-scored open LLM releases.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+params_app = typer.Typer(help="Inspect params.yaml.", no_args_is_help=True)
+data_app = typer.Typer(help="Run the data stage, or ask which data a step saw.")
+app.add_typer(params_app, name="params")
+app.add_typer(data_app, name="data")
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="Params file (a recipe from pipelines/).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+StageOpt = Annotated[StageName, typer.Option("--stage", help="Training stage.")]
+
+
+def _debug() -> bool:
+    return os.environ.get("OPENRELEASE_DEBUG", "") not in ("", "0")
+
+
+def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn library errors into one line on stderr and exit 1 (traceback with OPENRELEASE_DEBUG)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except OpenReleaseError as exc:
+            if _debug():
+                raise
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # the CLI boundary: a bug must not dump a traceback on users
+            if _debug():
+                raise
+            err.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                "(re-run with OPENRELEASE_DEBUG=1 for the traceback and report it)",
+                markup=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"openrelease {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Reproducible, verifiable, MOF-scored open LLM releases."""
+    level = logging.DEBUG if _debug() else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+# --------------------------------------------------------------------------- params
+
+
+@params_app.command("show")
+@handles_errors
+def params_show(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -> None:
+    """Print the resolved params (defaults filled in)."""
+    resolved = load_params(params).model_dump(mode="json")
+    if as_json:
+        _print_json(resolved)
+    else:
+        out.print(yaml.safe_dump(resolved, sort_keys=False), end="", highlight=False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.callback(invoke_without_command=True)
+@handles_errors
+def data(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Run the data stage: corpus, tokenizer, packed shards, manifest (DVC stage `data`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from openrelease.data.stage import build_data
+
+    pipeline = load_params(params)
+    with err.status("data stage") as status:
+        manifest = build_data(
+            pipeline.data,
+            seed=pipeline.seed,
+            project_dir=Path.cwd(),
+            progress=lambda msg: status.update(f"data stage: {msg}"),
+        )
+    out.print(
+        f"data: {manifest.num_pretrain_seqs} sequences, {manifest.num_pretrain_tokens} tokens, "
+        f"vocab {manifest.vocab_size} -> {pipeline.data.out_dir} ({manifest.data_digest[:19]})",
+        highlight=False,
+    )
+
+
+def _open_store(pipeline: PipelineParams) -> Any:
+    from openrelease.data.store import DataStore
+
+    return DataStore(Path.cwd() / pipeline.data.out_dir)
+
+
+@data_app.command("batch")
+@handles_errors
+def data_batch(
+    stage: StageOpt,
+    step: Annotated[int, typer.Option("--step", help="Global optimizer step (1-based).")],
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the exact samples (decoded) that global step N of a stage trains on."""
+    from openrelease.data.query import batch_at
+
+    pipeline = load_params(params)
+    report = batch_at(_open_store(pipeline), pipeline, stage=stage, step=step)
+    if as_json:
+        _print_json(report)
+        return
+    out.print(f"{stage} step {step}: order digest {report.order_digest}", highlight=False)
+    for sample in report.samples:
+        out.rule(f"sample {sample.index}  docs {', '.join(sample.doc_ids)}")
+        out.print(sample.text, markup=False, highlight=False)
+
+
+@data_app.command("where")
+@handles_errors
+def data_where(
+    doc: Annotated[str | None, typer.Option("--doc", help="Document id, e.g. doc-0000012.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Text the document contains.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """List the stages and steps whose batches saw a document."""
+    from openrelease.data.query import where_seen
+
+    pipeline = load_params(params)
+    report = where_seen(_open_store(pipeline), pipeline, doc_id=doc, text=text)
+    if as_json:
+        _print_json(report)
+        return
+    table = Table("document", "stage", "steps")
+    for s in report.sightings:
+        table.add_row(s.doc_id, s.stage, ", ".join(map(str, s.steps)))
+    out.print(table)
+    unseen = set(report.doc_ids) - {s.doc_id for s in report.sightings}
+    if unseen:
+        out.print(f"never trained on: {', '.join(sorted(unseen))}", highlight=False)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@app.command("summary")
+@handles_errors
+def summary(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -> None:
+    """Show what each pipeline stage produced in this workspace and where it is."""
+    from openrelease.workspace import describe_workspace
+
+    report = describe_workspace(Path.cwd(), load_params(params))
+    if as_json:
+        _print_json(report)
+        return
+    table = Table("stage", "status", "outputs", "summary", title="openrelease workspace")
+    for s in report.stages:
+        table.add_row(s.stage, "done" if s.done else "-", s.path, s.summary)
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,1 @@
+"""The data stage: corpus generation, importers, tokenizer, packing and the data order."""

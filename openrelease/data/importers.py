@@ -1,0 +1,198 @@
+"""Importers for user data: JSONL, plain text, Parquet and local HF `datasets` folders.
+
+Each returns plain records for one role and the sha256 of what it read; bad input names file:line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openrelease.digest import sha256_file, sha256_tree
+from openrelease.errors import DataError
+from openrelease.params import ImportParams
+
+ROLE_FIELDS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("text",),
+    "sft": ("prompt", "response"),
+    "distill": ("prompt", "reasoning", "answer"),
+    "grpo": ("prompt", "answer"),
+}
+MAX_FIELD_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ImportedSource:
+    """Records read from one source, with the digest of the bytes they came from."""
+
+    path: str
+    sha256: str
+    records: list[dict[str, str]]
+
+
+def _fields_for(spec: ImportParams) -> dict[str, str]:
+    """Map the record field names of the role to the column names in the source."""
+    if spec.role == "pretrain":
+        return {"text": spec.text_field}
+    return {name: name for name in ROLE_FIELDS[spec.role]}
+
+
+def _to_record(row: Any, spec: ImportParams, where: str) -> dict[str, str]:
+    if not isinstance(row, dict):
+        raise DataError(
+            f"{where}: expected an object, got {type(row).__name__}; "
+            "each record must be a JSON object."
+        )
+    record: dict[str, str] = {}
+    for name, column in _fields_for(spec).items():
+        value = row.get(column)
+        if value is None:
+            raise DataError(
+                f"{where}: missing field {column!r} needed by role {spec.role}; "
+                f"add it or change the import's role."
+            )
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise DataError(
+                f"{where}: field {column!r} must be a string, got {type(value).__name__}."
+            )
+        text = str(value)
+        if not text.strip():
+            raise DataError(f"{where}: field {column!r} is empty.")
+        if len(text) > MAX_FIELD_CHARS:
+            raise DataError(
+                f"{where}: field {column!r} has {len(text)} characters (limit {MAX_FIELD_CHARS})."
+            )
+        record[name] = text
+    return record
+
+
+def _read_jsonl(path: Path, spec: ImportParams) -> list[dict[str, str]]:
+    records = []
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{spec.path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"{where}: not valid UTF-8; re-encode the file as UTF-8.",
+                    path=spec.path,
+                    line=line_no,
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{where}: invalid JSON ({exc.msg}); one object per line.",
+                    path=spec.path,
+                    line=line_no,
+                ) from None
+            records.append(_to_record(row, spec, where))
+    return records
+
+
+def _read_text(path: Path, spec: ImportParams) -> list[dict[str, str]]:
+    if spec.role != "pretrain":
+        raise DataError(
+            f"{spec.path}: text files can only feed role pretrain; "
+            "use jsonl or parquet for structured records."
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{spec.path}:{line_no}: not valid UTF-8; re-encode the file as UTF-8.",
+            path=spec.path,
+            line=line_no,
+        ) from None
+    blocks = [block.strip() for block in text.replace("\r\n", "\n").split("\n\n")]
+    return [{"text": block} for block in blocks if block]
+
+
+def _read_table_rows(rows: list[dict[str, Any]], spec: ImportParams) -> list[dict[str, str]]:
+    return [_to_record(row, spec, f"{spec.path}:row {i}") for i, row in enumerate(rows, start=1)]
+
+
+def _read_parquet(path: Path, spec: ImportParams) -> list[dict[str, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(
+            f"{spec.path}: not a readable Parquet file ({exc}).", path=spec.path
+        ) from None
+    return _read_table_rows(table.to_pylist(), spec)
+
+
+def _hf_arrow_files(folder: Path, spec: ImportParams) -> list[Path]:
+    state_path = folder / "state.json"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(
+            f"{spec.path}: not a Hugging Face datasets folder (state.json with "
+            "_data_files missing or malformed); write it with "
+            "Dataset.save_to_disk().",
+            path=spec.path,
+        ) from None
+    files = []
+    for name in names:
+        candidate = (folder / str(name)).resolve()
+        if folder.resolve() not in candidate.parents:
+            raise DataError(f"{spec.path}/state.json: data file {name!r} is outside the folder.")
+        files.append(candidate)
+    return files
+
+
+def _read_hf_datasets(folder: Path, spec: ImportParams) -> tuple[list[dict[str, str]], str]:
+    import pyarrow as pa
+
+    if not folder.is_dir():
+        raise DataError(f"{spec.path}: expected a folder written by Dataset.save_to_disk().")
+    rows: list[dict[str, Any]] = []
+    digests = {}
+    for arrow_path in _hf_arrow_files(folder, spec):
+        try:
+            with pa.memory_map(str(arrow_path)) as source:
+                rows.extend(pa.ipc.open_stream(source).read_all().to_pylist())
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(
+                f"{spec.path}/{arrow_path.name}: unreadable Arrow file ({exc}).", path=spec.path
+            ) from None
+        digests[arrow_path.name] = sha256_file(arrow_path)
+    return _read_table_rows(rows, spec), sha256_tree(digests)
+
+
+def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
+    """Read one import into records for its role; bad input raises `DataError` with file:line."""
+    path = (project_dir / spec.path).resolve()
+    if not path.exists():
+        raise DataError(
+            f"{spec.path}: no such file or folder (data.imports); fix the path.", path=spec.path
+        )
+    if spec.format == "hf_datasets":
+        records, digest = _read_hf_datasets(path, spec)
+    else:
+        if not path.is_file():
+            raise DataError(f"{spec.path}: expected a file for format {spec.format}.")
+        digest = sha256_file(path)
+        match spec.format:
+            case "jsonl":
+                records = _read_jsonl(path, spec)
+            case "text":
+                records = _read_text(path, spec)
+            case "parquet":
+                records = _read_parquet(path, spec)
+    if not records:
+        raise DataError(
+            f"{spec.path}: no records found; the import would add nothing.", path=spec.path
+        )
+    return ImportedSource(path=spec.path, sha256=digest, records=records)

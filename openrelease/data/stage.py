@@ -1,0 +1,290 @@
+"""`openrelease data`: build the corpus, split it, train the tokenizer, pack and write manifests.
+
+The whole output folder is built beside the target and swapped in at the end, so a crash never
+leaves a half-written data folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from openrelease.data import synthetic
+from openrelease.data.importers import read_source
+from openrelease.data.tasks import format_answer, format_reasoning
+from openrelease.data.tokenizer import BOS, EOS, make_probe, save_tokenizer, train_tokenizer
+from openrelease.digest import hash_folder, sha256_bytes, sha256_file, sha256_json, sha256_tree
+from openrelease.errors import DataError
+from openrelease.manifest import (
+    DataManifest,
+    DatasetEntry,
+    FileEntry,
+    ShardEntry,
+    SourceEntry,
+    write_bytes_atomic,
+    write_json,
+)
+from openrelease.params import DataParams
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+@dataclass
+class _Corpus:
+    """Records per role, before tokenisation; ``sources`` describes where they came from."""
+
+    roles: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    sources: list[SourceEntry] = field(default_factory=list)
+
+    def add(self, role: str, records: list[dict[str, str]]) -> None:
+        self.roles.setdefault(role, []).extend(records)
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).lower().encode()).hexdigest()
+
+
+def _eval_take(count: int, fraction: float) -> int:
+    return max(1, round(count * fraction)) if count > 1 else 0
+
+
+def _add_synthetic(corpus: _Corpus, params: DataParams, seed: int) -> None:
+    syn = params.synthetic
+    stories = synthetic.generate_stories(seed, syn.num_stories)
+    problems = synthetic.generate_problems(seed, syn.num_problems, max_operand=syn.max_operand)
+    n_eval = _eval_take(len(stories), params.eval_fraction)
+    corpus.add("eval_text", [{"text": t, "source": "synthetic"} for t in stories[:n_eval]])
+    corpus.add("pretrain_docs", [{"text": t, "source": "synthetic"} for t in stories[n_eval:]])
+    p_eval = _eval_take(len(problems), params.eval_fraction)
+    as_rows = [
+        {
+            "prompt": p.prompt,
+            "reasoning": p.reasoning,
+            "answer": str(p.answer),
+            "source": "synthetic",
+        }
+        for p in problems
+    ]
+    corpus.add("eval_problems", as_rows[:p_eval])
+    rest = as_rows[p_eval:]
+    n_sft, n_distill = int(len(rest) * 0.4), int(len(rest) * 0.3)
+    corpus.add(
+        "sft",
+        [
+            {"prompt": r["prompt"], "response": format_answer(r["answer"]), "source": "synthetic"}
+            for r in rest[:n_sft]
+        ],
+    )
+    corpus.add("distill", rest[n_sft : n_sft + n_distill])
+    corpus.add(
+        "grpo",
+        [
+            {"prompt": r["prompt"], "answer": r["answer"], "source": "synthetic"}
+            for r in rest[n_sft + n_distill :]
+        ],
+    )
+    spec = {"generator": "openrelease.synthetic/1", "seed": seed, **params.synthetic.model_dump()}
+    corpus.sources.append(
+        SourceEntry(
+            name="synthetic",
+            kind="synthetic",
+            path=None,
+            sha256=sha256_json(spec),
+            num_records=len(stories) + len(problems),
+        )
+    )
+
+
+def _add_imports(corpus: _Corpus, params: DataParams, project_dir: Path) -> None:
+    for spec in params.imports:
+        source = read_source(spec, project_dir=project_dir)
+        role = "pretrain_docs" if spec.role == "pretrain" else spec.role
+        corpus.add(role, [{**r, "source": spec.path} for r in source.records])
+        corpus.sources.append(
+            SourceEntry(
+                name=Path(spec.path).name,
+                kind=spec.format,
+                path=spec.path,
+                sha256=source.sha256,
+                num_records=len(source.records),
+            )
+        )
+
+
+def _drop_eval_overlap(corpus: _Corpus) -> None:
+    """Remove training items whose normalised text equals a held-out item (checked by hash)."""
+    held_out = {_text_key(r["text"]) for r in corpus.roles.get("eval_text", [])}
+    held_out |= {_text_key(r["prompt"]) for r in corpus.roles.get("eval_problems", [])}
+    for role, key_field in (
+        ("pretrain_docs", "text"),
+        ("sft", "prompt"),
+        ("distill", "prompt"),
+        ("grpo", "prompt"),
+    ):
+        kept = [r for r in corpus.roles.get(role, []) if _text_key(r[key_field]) not in held_out]
+        dropped = len(corpus.roles.get(role, [])) - len(kept)
+        if dropped:
+            logger.warning(
+                "dropped %d %s records that duplicate held-out eval items", dropped, role
+            )
+        corpus.roles[role] = kept
+
+
+def _with_ids(role: str, records: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"id": f"{role}-{i:07d}", **r} for i, r in enumerate(records)]
+
+
+def _training_texts(corpus: _Corpus) -> list[str]:
+    texts = [r["text"] for r in corpus.roles.get("pretrain_docs", [])]
+    for r in corpus.roles.get("sft", []):
+        texts += [r["prompt"], r["response"]]
+    for r in corpus.roles.get("distill", []):
+        texts += [r["prompt"], format_reasoning(r["reasoning"], r["answer"])]
+    texts += [r["prompt"] for r in corpus.roles.get("grpo", [])]
+    return texts
+
+
+def _write_jsonl(path: Path, records: list[dict[str, str]]) -> DatasetEntry:
+    lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+    data = lines.encode("utf-8")
+    write_bytes_atomic(path, data)
+    return DatasetEntry(
+        path=path.name, sha256=sha256_bytes(data), size=len(data), num_records=len(records)
+    )
+
+
+def _pack(
+    docs: list[dict[str, str]],
+    token_ids: list[list[int]],
+    *,
+    seq_len: int,
+    bos_id: int,
+    eos_id: int,
+) -> np.ndarray:
+    """Concatenate ``<bos> doc <eos>`` and cut into full rows; record each doc's token span."""
+    stream: list[int] = []
+    for doc, ids in zip(docs, token_ids, strict=True):
+        doc["offset"] = str(len(stream))
+        stream += [bos_id, *ids, eos_id]
+        doc["length"] = str(len(ids) + 2)
+    num_seqs = len(stream) // seq_len
+    if num_seqs == 0:
+        raise DataError(
+            f"the pretraining corpus has {len(stream)} tokens, fewer than one "
+            f"sequence of data.seq_len {seq_len}; add data or lower seq_len."
+        )
+    return np.asarray(stream[: num_seqs * seq_len], dtype=np.int32).reshape(num_seqs, seq_len)
+
+
+def _write_shards(packed: np.ndarray, out_dir: Path, *, seqs_per_shard: int) -> list[ShardEntry]:
+    shards = []
+    for i, start in enumerate(range(0, len(packed), seqs_per_shard)):
+        rows = np.ascontiguousarray(packed[start : start + seqs_per_shard])
+        path = out_dir / "pretrain" / f"shard-{i:05d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, rows, allow_pickle=False)
+        shards.append(
+            ShardEntry(
+                path=path.relative_to(out_dir).as_posix(),
+                sha256=sha256_file(path),
+                size=path.stat().st_size,
+                num_seqs=len(rows),
+                num_tokens=int(rows.size),
+            )
+        )
+    return shards
+
+
+def _swap_in(tmp_dir: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with ``tmp_dir`` using renames (the old folder is removed last)."""
+    old_dir = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old_dir)
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def build_data(
+    params: DataParams, *, seed: int, project_dir: Path, progress: Progress | None = None
+) -> DataManifest:
+    """Run the data stage into ``params.out_dir``; return the manifest it wrote."""
+    say = progress or (lambda _msg: None)
+    out_dir = project_dir / params.out_dir
+    tmp_dir = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        say("generating and importing the corpus")
+        corpus = _Corpus()
+        _add_synthetic(corpus, params, seed)
+        _add_imports(corpus, params, project_dir)
+        _drop_eval_overlap(corpus)
+        if not corpus.roles.get("pretrain_docs"):
+            raise DataError(
+                "no pretraining documents: raise data.synthetic.num_stories or add "
+                "an import with role pretrain."
+            )
+        say("training the tokenizer")
+        manifest = _write_outputs(corpus, params, seed=seed, out_dir=tmp_dir, say=say)
+        _swap_in(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_outputs(
+    corpus: _Corpus, params: DataParams, *, seed: int, out_dir: Path, say: Progress
+) -> DataManifest:
+    tokenizer = train_tokenizer(_training_texts(corpus), vocab_size=params.vocab_size)
+    save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=params.seq_len)
+    write_json(out_dir / "tokenizer_probe.json", make_probe(tokenizer))
+    say("tokenizing and packing")
+    docs = _with_ids("doc", corpus.roles["pretrain_docs"])
+    token_ids = [e.ids for e in tokenizer.encode_batch([d["text"] for d in docs])]
+    bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    assert bos_id is not None, "special tokens are always in the vocabulary"
+    assert eos_id is not None, "special tokens are always in the vocabulary"
+    packed = _pack(docs, token_ids, seq_len=params.seq_len, bos_id=bos_id, eos_id=eos_id)
+    shards = _write_shards(packed, out_dir, seqs_per_shard=params.seqs_per_shard)
+    datasets = {"pretrain_docs": _write_jsonl(out_dir / "pretrain_docs.jsonl", docs)}
+    for role in ("sft", "distill", "grpo", "eval_text", "eval_problems"):
+        prefix = "eval" if role.startswith("eval") else role
+        records = _with_ids(
+            prefix if role != "eval_problems" else "evalp", corpus.roles.get(role, [])
+        )
+        datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", records)
+    tok_files = hash_folder(out_dir / "tokenizer")
+    body = {
+        "seed": seed,
+        "seq_len": params.seq_len,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_dir": "tokenizer",
+        "tokenizer_sha256": sha256_tree(tok_files),
+        "tokenizer_files": [
+            FileEntry(
+                path=f"tokenizer/{p}", size=(out_dir / "tokenizer" / p).stat().st_size, sha256=d
+            )
+            for p, d in sorted(tok_files.items())
+        ],
+        "shards": shards,
+        "datasets": datasets,
+        "sources": corpus.sources,
+        "num_pretrain_seqs": int(packed.shape[0]),
+        "num_pretrain_tokens": int(packed.size),
+    }
+    draft = DataManifest.model_validate({**body, "data_digest": "sha256:" + "0" * 64})
+    digest = sha256_json(draft.model_dump(mode="json", exclude={"data_digest"}))
+    manifest = draft.model_copy(update={"data_digest": digest})
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

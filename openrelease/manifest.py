@@ -1,0 +1,208 @@
+"""On-disk JSON: deterministic, atomic writes and schema-checked reads of our records.
+
+Every JSON file openrelease writes goes through `write_json`; no file is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from openrelease.errors import ArtifactError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def dump_json(obj: Any) -> str:
+    """Render ``obj`` the house way: sorted keys, indent 2, trailing newline, no NaN."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` (a pydantic model or JSON-able value) to ``path`` atomically."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    write_text_atomic(path, dump_json(obj))
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; a missing or malformed file is an `ArtifactError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{path} is missing; run the stage that writes it.", path=str(path)
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(
+            f"{path} is not valid JSON ({exc}); delete it and re-run the stage.", path=str(path)
+        ) from None
+
+
+def read_model(path: Path, model: type[ModelT]) -> ModelT:
+    """Read ``path`` and validate it against the pydantic schema ``model``."""
+    raw = read_json(path)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ArtifactError(
+            f"{path} does not match the {model.__name__} schema at {loc}: {first['msg']}; "
+            "re-run the stage that writes it.",
+            path=str(path),
+        ) from None
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class Record(BaseModel):
+    """Base of every schema we write: strict and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(Record):
+    """One file of a folder: POSIX path relative to the folder root, size and digest."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+class CheckpointMeta(Record):
+    """``meta.json`` beside every release checkpoint (an HF ``save_pretrained`` folder)."""
+
+    schema_version: Literal[1] = 1
+    stage: str
+    step: int
+    tokens_seen: int
+    samples_seen: int
+    sample_range: tuple[int, int]
+    """Global sample positions [start, end) consumed since the previous checkpoint."""
+    data_digest: str
+    """Digest of the data order (sample ids) consumed in ``sample_range``."""
+    loss: float | None
+    params_digest: str
+    parent_digest: str | None
+    """``checkpoint_digest`` of the previous checkpoint (or of the init checkpoint); null at
+    the very start of pretraining."""
+    files: tuple[FileEntry, ...]
+    """Every file of the checkpoint folder except meta.json."""
+    checkpoint_digest: str
+    """sha256_tree over ``files``: the identity of this checkpoint."""
+
+
+class StageManifest(Record):
+    """The small per-stage DVC out that later stages depend on: its checkpoints and digests."""
+
+    schema_version: Literal[1] = 1
+    stage: str
+    final_step: int
+    final_checkpoint: str
+    """Path of the final checkpoint folder, relative to the project root."""
+    checkpoints: tuple[CheckpointMeta, ...]
+
+
+class BundleManifest(Record):
+    """``MANIFEST.json`` at a release bundle's root: every file with size and sha256."""
+
+    schema_version: Literal[1] = 1
+    name: str
+    created: str
+    """UTC ISO-8601 time the bundle was built."""
+    files: tuple[FileEntry, ...]
+    """Every file of the bundle except MANIFEST.json (and signatures/)."""
+    bundle_digest: str
+    """sha256_tree over ``files``."""
+
+
+class TokenizerProbe(Record):
+    """A fixed text and the token ids the tokenizer gave it; verify re-encodes and compares."""
+
+    schema_version: Literal[1] = 1
+    text: str
+    ids: tuple[int, ...]
+
+
+class ShardEntry(Record):
+    """One packed pretraining shard (a .npy int32 array [num_seqs, seq_len])."""
+
+    path: str
+    sha256: str
+    size: int
+    num_seqs: int
+    num_tokens: int
+
+
+class DatasetEntry(Record):
+    """One record file (JSONL) of a stage's dataset or of an eval set."""
+
+    path: str
+    sha256: str
+    size: int
+    num_records: int
+
+
+class SourceEntry(Record):
+    """One input source: the synthetic generator (with its seed) or a user import."""
+
+    name: str
+    kind: str
+    path: str | None
+    sha256: str
+    num_records: int
+
+
+class DataManifest(Record):
+    """``manifest.json`` of the data stage: every output with its digest."""
+
+    schema_version: Literal[1] = 1
+    seed: int
+    seq_len: int
+    vocab_size: int
+    tokenizer_dir: str
+    tokenizer_sha256: str
+    """sha256_tree of the tokenizer folder."""
+    tokenizer_files: tuple[FileEntry, ...]
+    shards: tuple[ShardEntry, ...]
+    datasets: dict[str, DatasetEntry]
+    """Per role: pretrain_docs, sft, distill, grpo, eval_text, eval_problems."""
+    sources: tuple[SourceEntry, ...]
+    num_pretrain_seqs: int
+    num_pretrain_tokens: int
+    data_digest: str
+    """Digest over everything above: the identity of this data, keying the data order."""

@@ -1,0 +1,503 @@
+"""params.yaml as frozen pydantic models: the only source of hyperparameters.
+
+`load_params` reads a file and turns any problem into a one-line `ParamsError` that names the
+YAML path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from openrelease.errors import ParamsError
+
+StageName = Literal["pretrain", "sft", "distill", "grpo"]
+STAGES: tuple[StageName, ...] = ("pretrain", "sft", "distill", "grpo")
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class Params(BaseModel):
+    """Strict, immutable, self-documenting base for everything read from params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SyntheticParams(Params):
+    """Size of the deterministic synthetic corpus (prose plus arithmetic problems)."""
+
+    num_stories: int = Field(ge=0, le=10_000_000)
+    """Prose documents generated from the seeded grammar for pretraining."""
+    num_problems: int = Field(ge=0, le=10_000_000)
+    """Arithmetic/word problems with verifiable answers (split across sft/distill/grpo/eval)."""
+    max_operand: int = Field(default=99, ge=2, le=1_000_000)
+    """Largest operand in generated arithmetic problems."""
+
+
+DataFormat = Literal["jsonl", "text", "parquet", "hf_datasets"]
+DataRole = Literal["pretrain", "sft", "distill", "grpo"]
+
+
+class ImportParams(Params):
+    """One user data source, hashed on the way in.
+
+    Roles and the fields they need: pretrain -> ``text``; sft -> ``prompt``, ``response``;
+    distill -> ``prompt``, ``reasoning``, ``answer``; grpo -> ``prompt``, ``answer``.
+    """
+
+    format: DataFormat
+    """File format: jsonl, text (one document per blank-line-separated block), parquet, or a
+    local Hugging Face ``datasets`` folder written by ``save_to_disk``."""
+    path: str
+    """Path to the file or folder, relative to the project root."""
+    role: DataRole
+    """Which stage's dataset the records join."""
+    text_field: str = "text"
+    """Column holding the document text (role pretrain, formats jsonl/parquet/hf_datasets)."""
+
+
+class DataParams(Params):
+    """The data stage: corpus, importers, tokenizer and packing."""
+
+    synthetic: SyntheticParams
+    """Size of the generated corpus; set both counts to 0 to use only imports."""
+    imports: tuple[ImportParams, ...] = ()
+    """User data sources added to the generated corpus."""
+    vocab_size: int = Field(ge=300, le=262_144)
+    """Byte-level BPE vocabulary size (256 byte symbols plus merges and special tokens)."""
+    seq_len: int = Field(ge=16, le=131_072)
+    """Tokens per packed pretraining sequence."""
+    seqs_per_shard: int = Field(default=1024, ge=1)
+    """Packed sequences per shard file."""
+    eval_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
+    """Share of documents and problems held out for evaluation (never trained on)."""
+    out_dir: str = "artifacts/data"
+    """Where the data stage writes its outputs."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelParams(Params):
+    """Architecture of the transformers causal LM (Llama, Mistral or Qwen2 flavour)."""
+
+    arch: Literal["llama", "mistral", "qwen2"] = "llama"
+    """transformers model family: LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM."""
+    hidden_size: int = Field(ge=8)
+    """Width of the residual stream."""
+    num_layers: int = Field(ge=1)
+    """Decoder layers."""
+    num_heads: int = Field(ge=1)
+    """Attention heads."""
+    num_kv_heads: int = Field(ge=1)
+    """Key/value heads (grouped-query attention when fewer than num_heads)."""
+    intermediate_size: int = Field(ge=8)
+    """Width of the MLP."""
+    max_position_embeddings: int = Field(ge=16)
+    """Longest sequence the model supports."""
+    rope_theta: float = Field(default=10_000.0, gt=0)
+    """RoPE base frequency."""
+    rms_norm_eps: float = Field(default=1e-5, gt=0)
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Share input and output embeddings."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Attention dropout."""
+    sliding_window: int | None = Field(default=None, ge=16)
+    """Sliding-window attention span (mistral only); null for full attention."""
+    init_std: float = Field(default=0.02, gt=0)
+    """Standard deviation of the initial weights."""
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}"
+            )
+        if self.sliding_window is not None and self.arch != "mistral":
+            raise ValueError("sliding_window is only supported with arch: mistral")
+        return self
+
+
+# --------------------------------------------------------------------------- compute
+
+
+class ComputeParams(Params):
+    """How training processes are launched and what numerics they use."""
+
+    launcher: Literal["python", "torchrun", "srun"] = "torchrun"
+    """How `dvc repro` starts a training stage; see README "Multi-node"."""
+    nproc_per_node: int = Field(default=1, ge=1, le=1024)
+    """Processes per node (one per GPU; on CPU, processes sharing the cores)."""
+    nnodes: int = Field(default=1, ge=1, le=100_000)
+    """Nodes in the job; above 1, rdzv_endpoint must be set."""
+    rdzv_endpoint: str | None = None
+    """host:port of the torchrun rendezvous for multi-node runs."""
+    num_threads: int = Field(default=1, ge=1, le=1024)
+    """torch intra-op threads per process; part of the numerical recipe (changes bits)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """cuda when available under auto; the backend follows (nccl on cuda, gloo on cpu)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 parameters with fp32 reduction on GPU under auto, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile each decoder layer."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms and fixed seeds: same hardware, same bits."""
+
+    @model_validator(mode="after")
+    def _check_multinode(self) -> ComputeParams:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
+        if self.launcher == "python" and self.nproc_per_node * self.nnodes != 1:
+            raise ValueError("launcher python runs one process; use torchrun for more")
+        return self
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainStageParams(Params):
+    """Optimisation settings shared by every training stage."""
+
+    num_steps: int = Field(ge=1)
+    """Optimizer steps to run."""
+    global_batch_size: int = Field(ge=1)
+    """Samples per optimizer step across all ranks (micro-batches times accumulation)."""
+    micro_batch_size: int = Field(ge=1)
+    """Samples per forward pass on one rank."""
+    seq_len: int = Field(ge=8)
+    """Longest training sequence in tokens (pretrain uses the data stage's packed length)."""
+    lr: float = Field(gt=0, le=1.0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up steps."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Decay after warm-up: cosine, warmup-stable-decay, or constant."""
+    decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)
+    """wsd only: share of the steps spent in the final linear decay."""
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 disables."""
+    checkpoint_every: int = Field(ge=1)
+    """Write a release checkpoint (HF folder + meta.json) every this many steps and at the end."""
+    state_every: int = Field(default=0, ge=0)
+    """Write a resumable training state every this many steps (0: with each checkpoint)."""
+    keep_last_states: int = Field(default=2, ge=1)
+    """Resumable training states kept on disk (older ones are deleted)."""
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainStageParams:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of "
+                f"micro_batch_size {self.micro_batch_size}"
+            )
+        if self.warmup_steps >= self.num_steps:
+            raise ValueError(
+                f"warmup_steps {self.warmup_steps} must be below num_steps {self.num_steps}"
+            )
+        return self
+
+
+class PretrainParams(TrainStageParams):
+    """Next-token prediction on packed sequences, from random initialisation."""
+
+
+class SFTParams(TrainStageParams):
+    """Instruction tuning on chat pairs; loss on assistant tokens only."""
+
+
+class TeacherParams(Params):
+    """Where distillation traces come from."""
+
+    kind: Literal["data", "trace_file", "model"] = "data"
+    """data: the data stage's step-by-step solutions; trace_file: a JSONL of prompt/reasoning/
+    answer; model: generate with a local transformers model folder."""
+    path: str | None = None
+    """The trace file or the teacher model folder (kinds trace_file and model)."""
+    revision: str | None = None
+    """The teacher's revision (e.g. a Hub commit), recorded for provenance when known."""
+    temperature: float = Field(default=0.7, ge=0.0)
+    """Sampling temperature (kind model)."""
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling threshold (kind model)."""
+    samples_per_prompt: int = Field(default=1, ge=1)
+    """Traces sampled per prompt (kind model)."""
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Longest generated trace (kind model)."""
+    reject_incorrect: bool = True
+    """Drop generated traces whose answer fails the task's verifier (kind model)."""
+
+    @model_validator(mode="after")
+    def _check_path(self) -> TeacherParams:
+        if self.kind != "data" and not self.path:
+            raise ValueError(f"teacher kind {self.kind} needs a path")
+        return self
+
+
+class DistillParams(TrainStageParams):
+    """SFT on teacher chain-of-thought traces, from the sft stage's final checkpoint."""
+
+    teacher: TeacherParams = TeacherParams()
+    """The source of the reasoning traces."""
+
+
+RewardName = Literal["correctness", "format", "length"]
+
+
+def _default_rewards() -> dict[RewardName, float]:
+    return {"correctness": 1.0, "format": 0.2}
+
+
+class GRPOParams(TrainStageParams):
+    """Group-relative policy optimisation with verifiable rewards, from the distill checkpoint.
+
+    global_batch_size counts prompts per step; each prompt gets group_size rollouts.
+    """
+
+    group_size: int = Field(ge=2)
+    """Rollouts sampled per prompt; advantages are normalised within each group."""
+    max_new_tokens: int = Field(ge=1)
+    """Tokens generated per rollout (fixed length so sharded ranks stay in step)."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    """Rollout sampling temperature."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Rollout nucleus sampling threshold."""
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    """PPO-style clip range of the policy ratio."""
+    kl_coef: float = Field(default=0.04, ge=0.0)
+    """Weight of the k3 KL estimate to the frozen reference (the distill checkpoint)."""
+    rewards: dict[RewardName, float] = Field(default_factory=_default_rewards)
+    """Verifier weights; the reward is their weighted sum."""
+    ppo_epochs: int = Field(default=1, ge=1)
+    """Policy updates per batch of rollouts."""
+
+
+# --------------------------------------------------------------------------- eval, release
+
+
+class EvalParams(Params):
+    """The eval stage: which tasks, how much, how to generate."""
+
+    tasks: tuple[str, ...] = ("heldout_loss", "arithmetic")
+    """Built-in task names, or paths to JSONL files of {prompt, answer}."""
+    max_examples: int = Field(default=64, ge=1)
+    """Examples per generative task."""
+    max_new_tokens: int = Field(default=48, ge=1)
+    """Greedy generation budget per answer."""
+    num_samples: int = Field(default=8, ge=0)
+    """Sample outputs saved per stage's final checkpoint."""
+
+
+class LicenseParams(Params):
+    """SPDX license ids per MOF content type."""
+
+    code: str = "Apache-2.0"
+    """License of training, inference and evaluation code."""
+    data: str = "CDLA-Permissive-2.0"
+    """License of datasets and data cards."""
+    documentation: str = "CC-BY-4.0"
+    """License of model card, technical report and other documentation."""
+    weights: str = "Apache-2.0"
+    """License of model parameters (final and intermediate)."""
+    allow_nonopen: bool = False
+    """Set true to release under licenses MOF does not consider open (the audit scores them)."""
+
+
+class RetentionParams(Params):
+    """Which resumable training states a release carries."""
+
+    state_every_k: int = Field(default=0, ge=0)
+    """Keep every k-th training state of each stage (0: none besides the last)."""
+    keep_last: bool = True
+    """Keep the last training state of each stage."""
+
+
+class ReleaseParams(Params):
+    """The release bundle: names, licenses, what to include."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+    """Model name; also the Hub repo name."""
+    organization: str = "openrelease"
+    """Producer shown in the model card and mof.yaml."""
+    licenses: LicenseParams = LicenseParams()
+    """Licenses per content type."""
+    include_data: bool = True
+    """Copy the data into the bundle (true) or ship pointers with sha256 (false)."""
+    paper: str | None = None
+    """Path or URL of a research paper to include."""
+    retention: RetentionParams = RetentionParams()
+    """Resumable training states to include."""
+
+
+# --------------------------------------------------------------------------- root
+
+
+class PipelineParams(Params):
+    """The whole params.yaml: one section per pipeline step."""
+
+    seed: int = Field(ge=0, lt=2**63)
+    """Root seed; every random stream derives from it."""
+    data: DataParams
+    """The data stage."""
+    model: ModelParams
+    """The model architecture."""
+    compute: ComputeParams = ComputeParams()
+    """Launch and numerics."""
+    pretrain: PretrainParams
+    """Pretraining."""
+    sft: SFTParams
+    """Instruction tuning."""
+    distill: DistillParams
+    """Chain-of-thought distillation."""
+    grpo: GRPOParams
+    """GRPO reinforcement learning."""
+    eval: EvalParams = EvalParams()
+    """Evaluation."""
+    release: ReleaseParams
+    """The release bundle."""
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> PipelineParams:
+        world = self.compute.nproc_per_node * self.compute.nnodes
+        for name in STAGES:
+            stage: TrainStageParams = getattr(self, name)
+            if stage.global_batch_size % (stage.micro_batch_size * world):
+                raise ValueError(
+                    f"{name}.global_batch_size {stage.global_batch_size} must be a multiple of "
+                    f"micro_batch_size x world size = {stage.micro_batch_size} x {world}"
+                )
+            if stage.seq_len > self.model.max_position_embeddings:
+                raise ValueError(
+                    f"{name}.seq_len {stage.seq_len} exceeds model.max_position_embeddings "
+                    f"{self.model.max_position_embeddings}"
+                )
+        if self.pretrain.seq_len != self.data.seq_len:
+            raise ValueError(
+                f"pretrain.seq_len {self.pretrain.seq_len} must equal data.seq_len "
+                f"{self.data.seq_len} (pretraining reads the packed sequences)"
+            )
+        return self
+
+    def stage(self, name: StageName) -> TrainStageParams:
+        """Return the params section of training stage ``name``."""
+        section: TrainStageParams = getattr(self, name)
+        return section
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_unique_mapping,
+)
+
+
+def _reject_aliases(text: str, *, source: str) -> None:
+    """Refuse YAML aliases: they can expand exponentially (the "billion laughs" bomb)."""
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ParamsError(
+                    f"{source}: YAML aliases (*{event.anchor}) are not allowed; "
+                    "write the values out in full."
+                )
+    except yaml.YAMLError:
+        return  # a syntax error: the full parse in parse_yaml reports it with its line
+
+
+def parse_yaml(text: str, *, source: str) -> Any:
+    """Parse YAML safely: no Python tags, no duplicate keys, no aliases."""
+    if "*" in text:
+        _reject_aliases(text, source=source)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{where}: invalid YAML ({problem}); fix the syntax.") from None
+
+
+def _describe_error(err: Any, errors: list[Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = err["loc"][:-1]
+        missing = [
+            e["loc"][-1] for e in errors if e["type"] == "missing" and e["loc"][:-1] == parent
+        ]
+        hint = f"did you mean {missing[0]!r}?" if missing else "see `openrelease params show`"
+        return f"{loc}: unknown key ({hint})"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    shown = repr(err.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {shown})"
+
+
+def validate_params(data: Any, *, source: str) -> PipelineParams:
+    """Validate already-parsed params; errors name the YAML path, the value and the rule."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level.")
+    try:
+        return PipelineParams.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A typo shows up as an unknown key plus a missing one: report the typo first.
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+        first = _describe_error(errors[0], errors)
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ParamsError(f"{source}: {first}{more}.", path=source) from None
+
+
+def load_params(path: Path) -> PipelineParams:
+    """Read and validate a params file (params.yaml or a recipe in pipelines/)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ParamsError(
+            f"{path} not found; copy a recipe there: cp pipelines/tiny.yaml params.yaml",
+            path=str(path),
+        ) from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path} is a folder; pass the params YAML file.") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path} is {len(raw)} bytes; params files are limited to 1 MiB.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 (byte {exc.start}); save it as UTF-8.") from None
+    return validate_params(parse_yaml(text, source=str(path)), source=str(path))

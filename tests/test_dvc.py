@@ -1,0 +1,53 @@
+"""Real DVC on a temp git repo holding a copy of this project."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, TEST_PARAMS
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO_ROOT / name, repo / name)
+    shutil.copytree(REPO_ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(REPO_ROOT / "openrelease", repo / "openrelease",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(TEST_PARAMS, repo / "params.yaml")
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], repo)
+    return repo
+
+
+def test_dvc_repro_data_then_noop(repo: Path) -> None:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    first = _run([dvc, "repro", "data"], repo)
+    assert "Running stage 'data'" in first.stdout
+    assert (repo / "artifacts/data/manifest.json").exists()
+    lock = (repo / "dvc.lock").read_text()
+    assert "artifacts/data" in lock and "vocab_size: 320" in lock
+    second = _run([dvc, "repro", "data"], repo)
+    assert "Running stage" not in second.stdout
+    # A params change in the stage's section reruns it.
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("num_stories: 400", "num_stories: 410"))
+    third = _run([dvc, "repro", "data"], repo)
+    assert "Running stage 'data'" in third.stdout

@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from openrelease.data.importers import read_source
+from openrelease.data.stage import build_data
+from openrelease.data.store import DataStore
+from openrelease.errors import DataError
+from openrelease.params import ImportParams, PipelineParams
+
+
+def _spec(path: str, fmt: str = "jsonl", role: str = "sft", **kw: str) -> ImportParams:
+    return ImportParams.model_validate({"format": fmt, "path": path, "role": role, **kw})
+
+
+def test_jsonl_roundtrip(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(
+        '{"prompt": "p1", "response": "r1"}\n\n{"prompt": "p2", "response": "r2", "x": 1}\n'
+    )
+    src = read_source(_spec("a.jsonl"), project_dir=tmp_path)
+    assert src.records == [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    assert src.sha256.startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b'{"prompt": "p"}\n', r"a.jsonl:1: missing field 'response'"),
+        (b'{"prompt": "p", "response": "r"}\n{oops\n', r"a.jsonl:2: invalid JSON"),
+        (b'[1, 2]\n', r"a.jsonl:1: expected an object"),
+        (b'{"prompt": "p", "response": ["r"]}\n', r"a.jsonl:1: field 'response' must be a string"),
+        (b'{"prompt": "\xff", "response": "r"}\n', r"a.jsonl:1: not valid UTF-8"),
+        (b'{"prompt": "  ", "response": "r"}\n', r"a.jsonl:1: field 'prompt' is empty"),
+        (b"\n\n", r"no records found"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path: Path, content: bytes, match: str) -> None:
+    (tmp_path / "a.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_source(_spec("a.jsonl"), project_dir=tmp_path)
+
+
+def test_text_blocks_and_role_check(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("first doc\nline two\n\n\nsecond doc\n")
+    src = read_source(_spec("t.txt", "text", "pretrain"), project_dir=tmp_path)
+    assert [r["text"] for r in src.records] == ["first doc\nline two", "second doc"]
+    with pytest.raises(DataError, match="text files can only feed role pretrain"):
+        read_source(_spec("t.txt", "text", "sft"), project_dir=tmp_path)
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xfe\n")
+    with pytest.raises(DataError, match=r"bad.txt:2: not valid UTF-8"):
+        read_source(_spec("bad.txt", "text", "pretrain"), project_dir=tmp_path)
+
+
+def test_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "d.parquet")
+    src = read_source(_spec("d.parquet", "parquet", "pretrain", text_field="body"), project_dir=tmp_path)
+    assert [r["text"] for r in src.records] == ["one", "two"]
+    with pytest.raises(DataError, match=r"d.parquet:row 1: missing field 'text'"):
+        read_source(_spec("d.parquet", "parquet", "pretrain"), project_dir=tmp_path)
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_source(_spec("x.parquet", "parquet", "pretrain"), project_dir=tmp_path)
+
+
+def test_hf_datasets_folder(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"prompt": ["2+2?", "3+3?"], "answer": ["4", "6"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    src = read_source(_spec("ds", "hf_datasets", "grpo"), project_dir=tmp_path)
+    assert src.records == [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+    (tmp_path / "notds").mkdir()
+    with pytest.raises(DataError, match="not a Hugging Face datasets folder"):
+        read_source(_spec("notds", "hf_datasets", "grpo"), project_dir=tmp_path)
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        read_source(_spec("nope.jsonl"), project_dir=tmp_path)
+
+
+def test_imports_join_the_corpus_and_are_hashed(tmp_path: Path, tiny_params: PipelineParams) -> None:
+    rows = [{"prompt": f"Say {i}", "response": f"{i}!"} for i in range(5)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny_params.data.model_copy(update={"imports": (_spec("mine.jsonl"),)})
+    manifest = build_data(data, seed=tiny_params.seed, project_dir=tmp_path)
+    assert any(s.path == "mine.jsonl" and s.num_records == 5 for s in manifest.sources)
+    sft = DataStore(tmp_path / "artifacts/data").records("sft")
+    assert [r for r in sft if r["source"] == "mine.jsonl"][0]["prompt"] == "Say 0"
+
+
+def test_failed_build_leaves_previous_output_intact(tmp_path: Path, tiny_params: PipelineParams) -> None:
+    build_data(tiny_params.data, seed=tiny_params.seed, project_dir=tmp_path)
+    before = (tmp_path / "artifacts/data/manifest.json").read_bytes()
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    data = tiny_params.data.model_copy(update={"imports": (_spec("bad.jsonl"),)})
+    with pytest.raises(DataError):
+        build_data(data, seed=tiny_params.seed, project_dir=tmp_path)
+    assert (tmp_path / "artifacts/data/manifest.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["data"]

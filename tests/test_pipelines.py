@@ -1,0 +1,29 @@
+from pathlib import Path
+
+import pytest
+
+from openrelease.params import load_params
+
+from conftest import REPO_ROOT
+
+RECIPES = sorted((REPO_ROOT / "pipelines").glob("*.yaml"))
+
+
+def test_there_are_recipes() -> None:
+    assert {p.name for p in RECIPES} >= {"tiny.yaml", "gpu-1b.yaml", "moxin-7b-multinode.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(recipe: Path) -> None:
+    params = load_params(recipe)
+    assert params.pretrain.seq_len == params.data.seq_len
+
+
+def test_default_params_is_the_tiny_recipe() -> None:
+    assert load_params(REPO_ROOT / "params.yaml") == load_params(REPO_ROOT / "pipelines/tiny.yaml")
+
+
+def test_moxin_recipe_is_mistral_shaped_multinode() -> None:
+    params = load_params(REPO_ROOT / "pipelines/moxin-7b-multinode.yaml")
+    assert params.model.arch == "mistral" and params.model.num_layers == 36
+    assert params.compute.nnodes > 1 and params.compute.rdzv_endpoint
