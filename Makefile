@@ -24,8 +24,8 @@ demo: $(STAMP)
 	@$(BIN)/openrelease summary
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check openrelease tests bench
-	$(BIN)/ruff check openrelease tests bench
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -32,7 +32,9 @@ def test_params_show_json(project: Path) -> None:
 
 
 def test_params_error_is_one_line_exit_1(project: Path) -> None:
-    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("seed: 1234", "seed: -1"))
+    Path("params.yaml").write_text(
+        Path("params.yaml").read_text().replace("seed: 1234", "seed: -1")
+    )
     result = runner.invoke(app, ["params", "show"])
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("error: params.yaml: seed:")
@@ -44,13 +46,16 @@ def test_data_batch_and_where(project: Path) -> None:
     result = runner.invoke(app, ["data", "batch", "--stage", "sft", "--step", "2", "--json"])
     assert result.exit_code == 0, result.output
     batch = json.loads(result.stdout)
-    again = json.loads(runner.invoke(app, ["data", "batch", "--stage", "sft", "--step", "2",
-                                           "--json"]).stdout)
+    again = json.loads(
+        runner.invoke(app, ["data", "batch", "--stage", "sft", "--step", "2", "--json"]).stdout
+    )
     assert batch == again and len(batch["samples"]) == 8
     doc = batch["samples"][0]["doc_ids"][0]
     where = runner.invoke(app, ["data", "where", "--doc", doc, "--json"])
     assert where.exit_code == 0, where.output
-    assert any(s["stage"] == "sft" and 2 in s["steps"] for s in json.loads(where.stdout)["sightings"])
+    assert any(
+        s["stage"] == "sft" and 2 in s["steps"] for s in json.loads(where.stdout)["sightings"]
+    )
     human = runner.invoke(app, ["data", "batch", "--stage", "pretrain", "--step", "1"])
     assert human.exit_code == 0 and "order digest sha256:" in human.stdout
 
@@ -82,13 +87,22 @@ def test_missing_data_says_what_to_run(project: Path) -> None:
 
 
 def test_real_process_no_traceback_unless_debug(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "openrelease", "params", "show", "--params", str(tmp_path / "x.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "openrelease",
+        "params",
+        "show",
+        "--params",
+        str(tmp_path / "x.yaml"),
+    ]
     env = {**os.environ, "OPENRELEASE_DEBUG": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cp pipelines/tiny.yaml params.yaml" in proc.stderr
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**env, "OPENRELEASE_DEBUG": "1"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env={**env, "OPENRELEASE_DEBUG": "1"}
+    )
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 

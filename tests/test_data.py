@@ -9,7 +9,12 @@ from openrelease.data.order import global_batch, order_digest, rank_slice
 from openrelease.data.query import batch_at, where_seen
 from openrelease.data.stage import build_data
 from openrelease.data.store import DataStore
-from openrelease.data.tasks import extract_answer, format_reasoning, has_reasoning_format, is_correct
+from openrelease.data.tasks import (
+    extract_answer,
+    format_reasoning,
+    has_reasoning_format,
+    is_correct,
+)
 from openrelease.digest import hash_folder
 from openrelease.errors import DataError
 from openrelease.params import PipelineParams
@@ -90,15 +95,22 @@ def test_packed_sequences_decode_to_documents(data_dir: Path) -> None:
 
 
 def test_order_is_pure_and_world_size_independent() -> None:
-    kw = {"seed": 1, "data_digest": "sha256:x", "stage": "pretrain", "num_samples": 10,
-          "global_batch_size": 4}
+    kw = {
+        "seed": 1,
+        "data_digest": "sha256:x",
+        "stage": "pretrain",
+        "num_samples": 10,
+        "global_batch_size": 4,
+    }
     assert global_batch(step=3, **kw) == global_batch(step=3, **kw)
     assert global_batch(step=3, **kw) != global_batch(step=4, **kw)
     # Each epoch is a permutation: 5 steps of 4 = 2 epochs of 10 samples.
     seen = [i for step in range(1, 6) for i in global_batch(step=step, **kw)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     batch = global_batch(step=2, **kw)
-    assert rank_slice(batch, rank=0, world_size=2) + rank_slice(batch, rank=1, world_size=2) == batch
+    assert (
+        rank_slice(batch, rank=0, world_size=2) + rank_slice(batch, rank=1, world_size=2) == batch
+    )
     with pytest.raises(ValueError, match="does not split"):
         rank_slice(batch, rank=0, world_size=3)
     assert order_digest([1, 2]) != order_digest([2, 1])
@@ -114,7 +126,9 @@ def test_batch_at_is_stable_and_step_dependent(data_dir: Path, tiny_params: Pipe
     assert all(s.text.startswith("prompt: ") for s in sft.samples)
 
 
-def test_where_finds_the_steps_that_saw_a_document(data_dir: Path, tiny_params: PipelineParams) -> None:
+def test_where_finds_the_steps_that_saw_a_document(
+    data_dir: Path, tiny_params: PipelineParams
+) -> None:
     store = DataStore(data_dir)
     batch = batch_at(store, tiny_params, stage="sft", step=3)
     doc = batch.samples[0].doc_ids[0]
@@ -128,8 +142,14 @@ def test_where_finds_the_steps_that_saw_a_document(data_dir: Path, tiny_params: 
 
 @pytest.mark.parametrize(
     ("text", "answer"),
-    [("The answer is 42.", 42), ("the answer is -7", -7), ("answer is 1,234.", 1234),
-     ("The answer is 3. No, the answer is 5.", 5), ("no number here", None), ("", None)],
+    [
+        ("The answer is 42.", 42),
+        ("the answer is -7", -7),
+        ("answer is 1,234.", 1234),
+        ("The answer is 3. No, the answer is 5.", 5),
+        ("no number here", None),
+        ("", None),
+    ],
 )
 def test_extract_answer(text: str, answer: int | None) -> None:
     assert extract_answer(text) == answer

@@ -7,15 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, TEST_PARAMS
 
 pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -27,9 +29,14 @@ def repo(tmp_path: Path) -> Path:
     repo.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO_ROOT / name, repo / name)
-    shutil.copytree(REPO_ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(REPO_ROOT / "openrelease", repo / "openrelease",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache")
+    )
+    shutil.copytree(
+        REPO_ROOT / "openrelease",
+        repo / "openrelease",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     shutil.copy(TEST_PARAMS, repo / "params.yaml")
     _run(["git", "init", "-q"], repo)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)

@@ -28,7 +28,7 @@ def test_jsonl_roundtrip(tmp_path: Path) -> None:
     [
         (b'{"prompt": "p"}\n', r"a.jsonl:1: missing field 'response'"),
         (b'{"prompt": "p", "response": "r"}\n{oops\n', r"a.jsonl:2: invalid JSON"),
-        (b'[1, 2]\n', r"a.jsonl:1: expected an object"),
+        (b"[1, 2]\n", r"a.jsonl:1: expected an object"),
         (b'{"prompt": "p", "response": ["r"]}\n', r"a.jsonl:1: field 'response' must be a string"),
         (b'{"prompt": "\xff", "response": "r"}\n', r"a.jsonl:1: not valid UTF-8"),
         (b'{"prompt": "  ", "response": "r"}\n', r"a.jsonl:1: field 'prompt' is empty"),
@@ -57,7 +57,9 @@ def test_parquet(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "d.parquet")
-    src = read_source(_spec("d.parquet", "parquet", "pretrain", text_field="body"), project_dir=tmp_path)
+    src = read_source(
+        _spec("d.parquet", "parquet", "pretrain", text_field="body"), project_dir=tmp_path
+    )
     assert [r["text"] for r in src.records] == ["one", "two"]
     with pytest.raises(DataError, match=r"d.parquet:row 1: missing field 'text'"):
         read_source(_spec("d.parquet", "parquet", "pretrain"), project_dir=tmp_path)
@@ -78,21 +80,25 @@ def test_hf_datasets_folder(tmp_path: Path) -> None:
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         read_source(_spec("nope.jsonl"), project_dir=tmp_path)
 
 
-def test_imports_join_the_corpus_and_are_hashed(tmp_path: Path, tiny_params: PipelineParams) -> None:
+def test_imports_join_the_corpus_and_are_hashed(
+    tmp_path: Path, tiny_params: PipelineParams
+) -> None:
     rows = [{"prompt": f"Say {i}", "response": f"{i}!"} for i in range(5)]
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = tiny_params.data.model_copy(update={"imports": (_spec("mine.jsonl"),)})
     manifest = build_data(data, seed=tiny_params.seed, project_dir=tmp_path)
     assert any(s.path == "mine.jsonl" and s.num_records == 5 for s in manifest.sources)
     sft = DataStore(tmp_path / "artifacts/data").records("sft")
-    assert [r for r in sft if r["source"] == "mine.jsonl"][0]["prompt"] == "Say 0"
+    assert next(r for r in sft if r["source"] == "mine.jsonl")["prompt"] == "Say 0"
 
 
-def test_failed_build_leaves_previous_output_intact(tmp_path: Path, tiny_params: PipelineParams) -> None:
+def test_failed_build_leaves_previous_output_intact(
+    tmp_path: Path, tiny_params: PipelineParams
+) -> None:
     build_data(tiny_params.data, seed=tiny_params.seed, project_dir=tmp_path)
     before = (tmp_path / "artifacts/data/manifest.json").read_bytes()
     (tmp_path / "bad.jsonl").write_text("{nope\n")

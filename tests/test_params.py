@@ -1,11 +1,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PARAMS
 
 from openrelease.errors import ParamsError
 from openrelease.params import PipelineParams, load_params
-
-from conftest import TEST_PARAMS
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -38,7 +37,7 @@ def test_every_field_has_a_docstring() -> None:
         seen.add(model)
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"
-            for arg in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+            for arg in (*getattr(field.annotation, "__args__", ()), field.annotation):
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     walk(arg)
 
@@ -48,7 +47,9 @@ def test_every_field_has_a_docstring() -> None:
 
 def test_typo_names_the_yaml_path(tmp_path: Path) -> None:
     path = _with(tmp_path, "  lr: 3.0e-3", "  learning_rate: 3.0e-3")
-    with pytest.raises(ParamsError, match=r"pretrain\.learning_rate: unknown key \(did you mean .lr.\?\)"):
+    with pytest.raises(
+        ParamsError, match=r"pretrain\.learning_rate: unknown key \(did you mean .lr.\?\)"
+    ):
         load_params(path)
 
 
@@ -67,8 +68,15 @@ def test_wrong_type(tmp_path: Path) -> None:
 
 
 def test_cross_field_batch_vs_world_size(tmp_path: Path) -> None:
-    path = _with(tmp_path, "global_batch_size: 8\n  micro_batch_size: 4", "global_batch_size: 4\n  micro_batch_size: 4")
-    with pytest.raises(ParamsError, match=r"pretrain.global_batch_size 4 must be a multiple of micro_batch_size x world size = 4 x 2"):
+    path = _with(
+        tmp_path,
+        "global_batch_size: 8\n  micro_batch_size: 4",
+        "global_batch_size: 4\n  micro_batch_size: 4",
+    )
+    with pytest.raises(
+        ParamsError,
+        match=r"global_batch_size 4 must be a multiple of micro_batch_size x world size = 4 x 2",
+    ):
         load_params(path)
 
 
@@ -94,7 +102,7 @@ def test_hostile_yaml(tmp_path: Path, text: str, match: str) -> None:
 
 
 def test_missing_file_says_how_to_fix(tmp_path: Path) -> None:
-    with pytest.raises(ParamsError, match="cp pipelines/tiny.yaml params.yaml"):
+    with pytest.raises(ParamsError, match=r"cp pipelines/tiny\.yaml params\.yaml"):
         load_params(tmp_path / "nope.yaml")
 
 

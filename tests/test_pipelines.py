@@ -1,10 +1,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 from openrelease.params import load_params
-
-from conftest import REPO_ROOT
 
 RECIPES = sorted((REPO_ROOT / "pipelines").glob("*.yaml"))
 
