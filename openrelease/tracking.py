@@ -1,0 +1,440 @@
+"""The provenance record of a stage: MLflow runs (through the journal) and ``record.json``.
+
+Only rank 0 records. If MLflow is unreachable, training goes on: operations stay in the journal
+and `sync_journals` (`openrelease tracking sync`) replays them later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from openrelease.digest import sha256_bytes, sha256_file, sha256_json
+from openrelease.manifest import CheckpointMeta, write_json, write_text_atomic
+from openrelease.params import PipelineParams
+from openrelease.tracking_journal import Journal, drain, now_ms
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FLUSH_EVERY_S = 10.0
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|PRIVATE|CREDENTIAL|AUTH", re.I)
+_SECRET_VALUE = re.compile(
+    r"hf_[A-Za-z0-9]{20,}|-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{30,}"
+)
+_ENV_KEPT = (
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NCCL_ALGO",
+    "NCCL_PROTO",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "PYTHONHASHSEED",
+)
+
+
+def redact(text: str) -> str:
+    """Replace secret-looking substrings (HF/GitHub tokens, AWS keys, private keys)."""
+    text = _SECRET_VALUE.sub("[REDACTED]", text)
+    for name, value in os.environ.items():
+        if _SECRET_NAME.search(name) and len(value) >= 8:
+            text = text.replace(value, "[REDACTED]")
+    return text
+
+
+def tracking_uri(project_dir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store in the project."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(project_dir / 'mlflow.db').resolve()}"
+
+
+class GitInfo(BaseModel):
+    """The code version: commit, whether the tree was dirty, and the diff's digest."""
+
+    model_config = ConfigDict(frozen=True)
+    commit: str | None
+    dirty: bool
+    diff_sha256: str | None
+
+
+class InputRecord(BaseModel):
+    """A data input of a stage (data manifest, tokenizer, parent checkpoint, traces)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    kind: str
+    path: str
+    digest: str
+
+
+class StageRecord(BaseModel):
+    """``record.json`` beside a stage's outputs: everything MLflow holds, without MLflow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = 1
+    stage: str
+    pipeline_key: str
+    run_key: str
+    run_id: str | None
+    parent_run_id: str | None
+    tracking_uri: str
+    params: dict[str, Any]
+    params_digest: str
+    seed: int
+    git: GitInfo
+    environment: dict[str, str]
+    inputs: tuple[InputRecord, ...]
+    checkpoints: tuple[CheckpointMeta, ...]
+    final_metrics: dict[str, float]
+    started: str
+    finished: str | None
+    status: str
+
+
+def _git(project_dir: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", *args], cwd=project_dir, capture_output=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else None
+
+
+def git_info(project_dir: Path, journal_dir: Path) -> GitInfo:
+    """Commit and dirtiness; a dirty tree's diff is saved beside the journal (redacted)."""
+    commit = _git(project_dir, "rev-parse", "HEAD")
+    status = _git(project_dir, "status", "--porcelain", "--untracked-files=no")
+    diff = _git(project_dir, "diff", "HEAD") or ""
+    dirty = bool(status and status.strip())
+    diff_sha = None
+    if dirty:
+        diff = redact(diff)
+        write_text_atomic(journal_dir / "git.diff", diff)
+        diff_sha = sha256_bytes(diff.encode("utf-8"))
+    return GitInfo(commit=commit.strip() if commit else None, dirty=dirty, diff_sha256=diff_sha)
+
+
+def environment_info(*, world_size: int, num_threads: int) -> dict[str, str]:
+    """Versions, hardware and the numerics-relevant environment (never secrets)."""
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": str(os.cpu_count()),
+        "world_size": str(world_size),
+        "num_threads": str(num_threads),
+    }
+    for dist in ("torch", "transformers", "tokenizers", "numpy", "mlflow", "dvc", "openrelease"):
+        try:
+            env[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist] = "absent"
+    if "torch" in sys.modules:
+        import torch
+
+        env["cuda"] = str(torch.version.cuda)
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_count"] = str(torch.cuda.device_count())
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))  # type: ignore[no-untyped-call]
+    env.update({k: os.environ[k] for k in _ENV_KEPT if k in os.environ})
+    return env
+
+
+def pip_freeze() -> str:
+    """``name==version`` of every installed distribution, sorted."""
+    lines = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}
+    return "\n".join(sorted(lines)) + "\n"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten nested params into MLflow ``a.b.c`` keys with string values (redacted)."""
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): redact(str(obj))[:6000]}
+
+
+def pipeline_key(project_dir: Path, params: PipelineParams) -> str:
+    """Groups the stage runs of one pipeline run under one parent.
+
+    ``OPENRELEASE_PIPELINE_RUN`` names it explicitly; otherwise it is the (git commit, params)
+    pair, so every stage that `dvc repro` runs for the same code and params shares a parent.
+    """
+    explicit = os.environ.get("OPENRELEASE_PIPELINE_RUN")
+    if explicit:
+        return "pipeline-" + hashlib.sha256(explicit.encode()).hexdigest()[:16]
+    commit = (_git(project_dir, "rev-parse", "HEAD") or "no-git").strip()
+    body = sha256_json({"commit": commit, "params": params.model_dump(mode="json")})
+    return "pipeline-" + body.removeprefix("sha256:")[:16]
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+class StageTracker:
+    """Records one stage run. Construct on every rank; only ``enabled`` (rank 0) writes."""
+
+    def __init__(
+        self,
+        stage: str,
+        *,
+        params: PipelineParams,
+        project_dir: Path,
+        out_dir: Path,
+        enabled: bool = True,
+        world_size: int = 1,
+        num_threads: int = 1,
+    ) -> None:
+        self.stage = stage
+        self.params = params
+        self.project_dir = project_dir
+        self.out_dir = out_dir
+        self.enabled = enabled
+        self.uri = tracking_uri(project_dir)
+        self.pipeline_key = pipeline_key(project_dir, params)
+        self.run_key = f"{self.pipeline_key}:{stage}"
+        self.journal = Journal(
+            project_dir / ".openrelease" / "journal" / self.run_key.replace(":", "-")
+        )
+        self._pending: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self._offline_until = 0.0
+        self._started_ms = now_ms()
+        self._world_size, self._num_threads = world_size, num_threads
+        self._inputs: tuple[InputRecord, ...] = ()
+        self._checkpoints: list[CheckpointMeta] = []
+        self._final: dict[str, float] = {}
+        self._git: GitInfo | None = None
+        self._env: dict[str, str] = {}
+
+    def _stage_params(self) -> dict[str, Any]:
+        dumped = self.params.model_dump(mode="json")
+        sections = (
+            ["seed", "compute", "model", self.stage] if self.stage != "data" else ["seed", "data"]
+        )
+        return {k: dumped[k] for k in sections if k in dumped}
+
+    def start(self, inputs: list[InputRecord]) -> None:
+        """Open the parent and child runs and record params, code, environment and inputs."""
+        if not self.enabled:
+            return
+        self._inputs = tuple(inputs)
+        self._git = git_info(self.project_dir, self.journal.journal_dir)
+        self._env = environment_info(world_size=self._world_size, num_threads=self._num_threads)
+        freeze_path = self.journal.journal_dir / "pip-freeze.txt"
+        write_text_atomic(freeze_path, pip_freeze())
+        params_path = self.journal.journal_dir / "params.resolved.json"
+        write_json(params_path, self.params.model_dump(mode="json"))
+        stage_params = self._stage_params()
+        tags = {
+            "openrelease.stage": self.stage,
+            "dvc.stage": self.stage,
+            "openrelease.pipeline_key": self.pipeline_key,
+            "openrelease.params_digest": sha256_json(stage_params),
+            "openrelease.git_commit": self._git.commit or "none",
+            "openrelease.git_dirty": str(self._git.dirty).lower(),
+            **{f"env.{k}": redact(v) for k, v in self._env.items()},
+        }
+        ops: list[dict[str, Any]] = [
+            {
+                "op": "run",
+                "key": self.pipeline_key,
+                "name": f"pipeline {self.pipeline_key[9:17]}",
+                "time": self._started_ms,
+                "tags": {"openrelease.kind": "pipeline"},
+            },
+            {
+                "op": "run",
+                "key": self.run_key,
+                "parent": self.pipeline_key,
+                "name": self.stage,
+                "time": self._started_ms,
+                "tags": {"openrelease.kind": "stage"},
+            },
+            {"op": "params", "run": self.run_key, "params": flatten(stage_params)},
+            {"op": "tags", "run": self.run_key, "tags": tags},
+            {"op": "artifact", "run": self.run_key, "path": str(params_path), "dir": "params"},
+            {"op": "artifact", "run": self.run_key, "path": str(freeze_path), "dir": "environment"},
+        ]
+        if self._git.dirty:
+            ops.append(
+                {
+                    "op": "artifact",
+                    "run": self.run_key,
+                    "path": str(self.journal.journal_dir / "git.diff"),
+                    "dir": "code",
+                }
+            )
+        ops += [
+            {
+                "op": "input",
+                "run": self.run_key,
+                "name": i.name,
+                "digest": i.digest,
+                "source": f"file://{i.path}",
+                "context": i.kind,
+                "tags": {"sha256": i.digest, "path": i.path},
+            }
+            for i in inputs
+        ]
+        self._pending += ops
+        self.flush(force=True)
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        """Buffer per-step metrics; they reach MLflow in batches."""
+        if not self.enabled:
+            return
+        ts = now_ms()
+        self._pending.append(
+            {
+                "op": "metrics",
+                "run": self.run_key,
+                "metrics": [[k, float(v), ts, step] for k, v in metrics.items()],
+            }
+        )
+        self._final.update({k: float(v) for k, v in metrics.items()})
+        if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+            self.flush()
+
+    def log_checkpoint(self, meta: CheckpointMeta, *, path: Path) -> None:
+        """Record a release checkpoint as an MLflow LoggedModel (no bytes uploaded)."""
+        if not self.enabled:
+            return
+        self._checkpoints = [c for c in self._checkpoints if c.step != meta.step] + [meta]
+        model_key = f"{self.run_key}:step-{meta.step}"
+        tags = {
+            "uri": path.resolve().as_uri(),
+            "stage": meta.stage,
+            "step": str(meta.step),
+            "tokens_seen": str(meta.tokens_seen),
+            "checkpoint_digest": meta.checkpoint_digest,
+            "sample_range": f"{meta.sample_range[0]}-{meta.sample_range[1]}",
+            "data_digest": meta.data_digest,
+            "parent_digest": meta.parent_digest or "none",
+        }
+        tags.update({f"sha256.{f.path}"[:250]: f.sha256 for f in meta.files})
+        self._pending.append(
+            {
+                "op": "model",
+                "run": self.run_key,
+                "key": model_key,
+                "name": f"{meta.stage}-step{meta.step}",
+                "tags": tags,
+                "params": {"step": str(meta.step), "stage": meta.stage},
+            }
+        )
+        if meta.loss is not None:
+            self._pending.append(
+                {
+                    "op": "metrics",
+                    "run": self.run_key,
+                    "model": model_key,
+                    "metrics": [["checkpoint_loss", meta.loss, now_ms(), meta.step]],
+                }
+            )
+        self.flush(force=True)
+
+    def flush(self, *, force: bool = False) -> None:
+        """Journal pending operations, write record.json, and try to reach MLflow."""
+        if not self.enabled:
+            return
+        self.journal.append(self._pending)
+        self._pending = []
+        self._last_flush = time.monotonic()
+        self.write_record(status="RUNNING")
+        if not force and time.monotonic() < self._offline_until:
+            return
+        try:
+            drain(self.journal, self.uri)
+        except Exception as exc:  # any tracking failure: training must go on, the journal keeps it
+            self._offline_until = time.monotonic() + 30.0
+            logger.warning(
+                "MLflow unreachable (%s: %s); recording to the journal, run "
+                "`openrelease tracking sync` later",
+                type(exc).__name__,
+                redact(str(exc))[:200],
+            )
+
+    def finish(self, *, status: str = "FINISHED") -> StageRecord | None:
+        """Close the run, flush everything and write the final record.json."""
+        if not self.enabled:
+            return None
+        self._pending.append({"op": "end", "run": self.run_key, "status": status, "time": now_ms()})
+        self.flush(force=True)
+        return self.write_record(status=status, finished=True)
+
+    def write_record(self, *, status: str, finished: bool = False) -> StageRecord:
+        """Write ``record.json`` beside the stage outputs from what was recorded so far."""
+        ids = self.journal.ids()
+        record = StageRecord(
+            stage=self.stage,
+            pipeline_key=self.pipeline_key,
+            run_key=self.run_key,
+            run_id=ids.get(self.run_key),
+            parent_run_id=ids.get(self.pipeline_key),
+            tracking_uri=redact(self.uri),
+            params=self._stage_params(),
+            params_digest=sha256_json(self._stage_params()),
+            seed=self.params.seed,
+            git=self._git or GitInfo(commit=None, dirty=False, diff_sha256=None),
+            environment=self._env,
+            inputs=self._inputs,
+            checkpoints=tuple(self._checkpoints),
+            final_metrics=self._final,
+            started=_iso(self._started_ms),
+            finished=_iso(now_ms()) if finished else None,
+            status=status,
+        )
+        write_json(self.out_dir / "record.json", record)
+        return record
+
+
+class SyncReport(BaseModel):
+    """What `sync_journals` applied per journal, and which ones still fail."""
+
+    model_config = ConfigDict(frozen=True)
+    applied: dict[str, int]
+    failed: dict[str, str]
+
+
+def sync_journals(project_dir: Path) -> SyncReport:
+    """Replay every journal under ``.openrelease/journal`` into MLflow (idempotent)."""
+    uri = tracking_uri(project_dir)
+    applied: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    root = project_dir / ".openrelease" / "journal"
+    for journal_dir in sorted(p for p in root.glob("*") if p.is_dir()):
+        try:
+            applied[journal_dir.name] = drain(Journal(journal_dir), uri)
+        except Exception as exc:  # report per journal; the others may still sync
+            failed[journal_dir.name] = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+    return SyncReport(applied=applied, failed=failed)
+
+
+def input_for_file(name: str, kind: str, path: Path, project_dir: Path) -> InputRecord:
+    """An input record for a file, digested now."""
+    return InputRecord(
+        name=name,
+        kind=kind,
+        path=path.relative_to(project_dir).as_posix(),
+        digest=sha256_file(path),
+    )
