@@ -131,13 +131,12 @@ def data(ctx: typer.Context, params: ParamsOpt = Path("params.yaml")) -> None:
     """Run the data stage: corpus, tokenizer, packed shards, manifest (DVC stage `data`)."""
     if ctx.invoked_subcommand is not None:
         return
-    from openrelease.data.stage import build_data
+    from openrelease.data.stage import run_data_stage
 
     pipeline = load_params(params)
     with err.status("data stage") as status:
-        manifest = build_data(
-            pipeline.data,
-            seed=pipeline.seed,
+        manifest = run_data_stage(
+            pipeline,
             project_dir=Path.cwd(),
             progress=lambda msg: status.update(f"data stage: {msg}"),
         )
@@ -217,6 +216,63 @@ def summary(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -
     table = Table("stage", "status", "outputs", "summary", title="openrelease workspace")
     for s in report.stages:
         table.add_row(s.stage, "done" if s.done else "-", s.path, s.summary)
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- tracking, lineage
+
+tracking_app = typer.Typer(help="The MLflow record.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
+
+
+@tracking_app.command("sync")
+@handles_errors
+def tracking_sync(as_json: JsonOpt = False) -> None:
+    """Replay journaled records into MLflow (after an outage); safe to repeat."""
+    from openrelease.tracking import sync_journals
+
+    report = sync_journals(Path.cwd())
+    if as_json:
+        _print_json(report)
+    else:
+        for name, count in report.applied.items():
+            out.print(f"{name}: {count} operations applied", highlight=False)
+        for name, why in report.failed.items():
+            err.print(f"{name}: still failing: {why}", highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@tracking_app.command("ui")
+@handles_errors
+def tracking_ui() -> None:
+    """Print the command that opens the MLflow UI on this project's record."""
+    from openrelease.tracking import tracking_uri
+
+    out.print(f"mlflow ui --backend-store-uri {tracking_uri(Path.cwd())}", highlight=False)
+
+
+@app.command("lineage")
+@handles_errors
+def lineage_cmd(
+    target: Annotated[str, typer.Argument(help="Checkpoint folder, stage name, or MLflow run id.")],
+    as_json: JsonOpt = False,
+    dot: Annotated[bool, typer.Option("--dot", help="Print Graphviz DOT.")] = False,
+) -> None:
+    """Show exactly what produced a checkpoint: data, params, seed, code, runs, parents."""
+    from openrelease.lineage import lineage, to_dot
+
+    report = lineage(Path.cwd(), target)
+    if as_json:
+        _print_json(report)
+        return
+    if dot:
+        sys.stdout.write(to_dot(report))
+        return
+    table = Table("kind", "name", "digest", "details", title=f"lineage of {target}")
+    for node in report.nodes:
+        details = "; ".join(f"{k}={v}" for k, v in node.details.items() if v)
+        table.add_row(node.kind, node.name, node.digest[:19], details)
     out.print(table)
 
 

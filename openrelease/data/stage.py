@@ -32,7 +32,7 @@ from openrelease.manifest import (
     write_bytes_atomic,
     write_json,
 )
-from openrelease.params import DataParams
+from openrelease.params import DataParams, PipelineParams
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -287,4 +287,31 @@ def _write_outputs(
     digest = sha256_json(draft.model_dump(mode="json", exclude={"data_digest"}))
     manifest = draft.model_copy(update={"data_digest": digest})
     write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def run_data_stage(
+    params: PipelineParams, *, project_dir: Path, progress: Progress | None = None
+) -> DataManifest:
+    """The DVC `data` stage: build the data and record the run (MLflow + record.json)."""
+    from openrelease.tracking import InputRecord, StageTracker
+
+    out_dir = project_dir / params.data.out_dir
+    tracker = StageTracker("data", params=params, project_dir=project_dir, out_dir=out_dir)
+    manifest = build_data(params.data, seed=params.seed, project_dir=project_dir, progress=progress)
+    tracker.start(
+        [
+            InputRecord(name=s.name, kind=s.kind, path=s.path or "synthetic", digest=s.sha256)
+            for s in manifest.sources
+        ]
+    )
+    tracker.log_metrics(
+        {
+            "num_pretrain_seqs": manifest.num_pretrain_seqs,
+            "num_pretrain_tokens": manifest.num_pretrain_tokens,
+            **{f"num_{k}": v.num_records for k, v in manifest.datasets.items()},
+        },
+        step=0,
+    )
+    tracker.finish()
     return manifest

@@ -1,0 +1,170 @@
+"""Answer "exactly what produced this checkpoint?" from the record.json files of a workspace.
+
+The chain runs: sources -> data manifest -> each stage (params digest, seed, commit, run id) ->
+its checkpoints, linked by parent digests, up to the checkpoint asked about.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from openrelease.errors import ProvenanceError
+from openrelease.manifest import CheckpointMeta, DataManifest, read_model
+from openrelease.params import STAGES
+from openrelease.tracking import StageRecord
+
+
+class LineageNode(BaseModel):
+    """One link of the chain."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: str
+    """source, data, stage or checkpoint."""
+    name: str
+    digest: str
+    details: dict[str, str]
+    parent: str | None
+    """Digest of the node this one was made from."""
+
+
+class LineageReport(BaseModel):
+    """The chain from sources to the target, oldest first."""
+
+    model_config = ConfigDict(frozen=True)
+    target: str
+    nodes: tuple[LineageNode, ...]
+
+
+def _records(project_dir: Path) -> dict[str, StageRecord]:
+    out: dict[str, StageRecord] = {}
+    for stage in STAGES:
+        path = project_dir / "artifacts" / stage / "record.json"
+        if path.exists():
+            out[stage] = read_model(path, StageRecord)
+    return out
+
+
+def _data_nodes(project_dir: Path) -> list[LineageNode]:
+    path = project_dir / "artifacts" / "data" / "manifest.json"
+    if not path.exists():
+        return []
+    m = read_model(path, DataManifest)
+    nodes = [
+        LineageNode(
+            kind="source",
+            name=s.name,
+            digest=s.sha256,
+            parent=None,
+            details={"kind": s.kind, "path": s.path or "", "records": str(s.num_records)},
+        )
+        for s in m.sources
+    ]
+    nodes.append(
+        LineageNode(
+            kind="data",
+            name="data manifest",
+            digest=m.data_digest,
+            parent=None,
+            details={
+                "tokenizer": m.tokenizer_sha256,
+                "seed": str(m.seed),
+                "sources": ", ".join(s.sha256[:19] for s in m.sources),
+            },
+        )
+    )
+    return nodes
+
+
+def _stage_node(record: StageRecord, parent: str | None) -> LineageNode:
+    return LineageNode(
+        kind="stage",
+        name=record.stage,
+        digest=record.params_digest,
+        parent=parent,
+        details={
+            "seed": str(record.seed),
+            "commit": record.git.commit or "unknown",
+            "dirty": str(record.git.dirty),
+            "run_id": record.run_id or "not synced",
+            "parent_run_id": record.parent_run_id or "not synced",
+            "inputs": ", ".join(f"{i.name}={i.digest[:19]}" for i in record.inputs),
+        },
+    )
+
+
+def _checkpoint_node(meta: CheckpointMeta) -> LineageNode:
+    return LineageNode(
+        kind="checkpoint",
+        name=f"{meta.stage}/step-{meta.step}",
+        digest=meta.checkpoint_digest,
+        parent=meta.parent_digest,
+        details={
+            "tokens_seen": str(meta.tokens_seen),
+            "data_digest": meta.data_digest,
+            "samples": f"{meta.sample_range[0]}..{meta.sample_range[1]}",
+            "loss": "" if meta.loss is None else f"{meta.loss:.4f}",
+        },
+    )
+
+
+def _find_target(records: dict[str, StageRecord], target: str) -> tuple[str, int | None]:
+    """Resolve ``target`` (checkpoint folder, stage name, or run id) to (stage, step or None)."""
+    meta_path = Path(target) / "meta.json"
+    if meta_path.exists():
+        meta = read_model(meta_path, CheckpointMeta)
+        return meta.stage, meta.step
+    if target in STAGES:
+        return target, None
+    for stage, record in records.items():
+        if target in (record.run_id, record.run_key):
+            return stage, None
+    raise ProvenanceError(
+        f"{target!r} is not a checkpoint folder, a stage name or a recorded run "
+        "id; pass e.g. artifacts/sft/checkpoints/step-30 or `sft`."
+    )
+
+
+def lineage(project_dir: Path, target: str) -> LineageReport:
+    """Build the chain that produced ``target``; raise if a link is missing or contradicts."""
+    records = _records(project_dir)
+    stage, step = _find_target(records, target)
+    nodes = _data_nodes(project_dir)
+    parent: str | None = nodes[-1].digest if nodes else None
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        record = records.get(name)
+        if record is None:
+            raise ProvenanceError(
+                f"artifacts/{name}/record.json is missing; the chain to {target} "
+                f"is broken. Re-run `dvc repro {name}`."
+            )
+        nodes.append(_stage_node(record, parent))
+        checkpoints = sorted(record.checkpoints, key=lambda c: c.step)
+        if name == stage and step is not None:
+            checkpoints = [c for c in checkpoints if c.step <= step]
+            if not checkpoints or checkpoints[-1].step != step:
+                raise ProvenanceError(f"{target}: step {step} is not in {name}'s record.json.")
+        previous = checkpoints[0].parent_digest if checkpoints else None
+        for meta in checkpoints:
+            if meta.parent_digest != previous:
+                raise ProvenanceError(
+                    f"{name}/step-{meta.step}: parent digest {meta.parent_digest} does not match "
+                    f"the previous checkpoint {previous}; the record was altered or mixed up."
+                )
+            nodes.append(_checkpoint_node(meta))
+            previous = meta.checkpoint_digest
+        parent = previous
+    return LineageReport(target=target, nodes=tuple(nodes))
+
+
+def to_dot(report: LineageReport) -> str:
+    """Render the chain as Graphviz DOT."""
+    lines = ["digraph lineage {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
+    for node in report.nodes:
+        label = f"{node.kind}: {node.name}\\n{node.digest[:19]}"
+        lines.append(f'  "{node.digest}" [label="{label}"];')
+        if node.parent:
+            lines.append(f'  "{node.parent}" -> "{node.digest}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
