@@ -276,6 +276,68 @@ def lineage_cmd(
     out.print(table)
 
 
+# --------------------------------------------------------------------------- eval, plot
+
+
+@app.command("eval")
+@handles_errors
+def eval_cmd(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -> None:
+    """Evaluate every recorded checkpoint not evaluated before (DVC stage `eval`)."""
+    from rich.progress import Progress
+
+    from openrelease.evaluation import run_eval_stage
+
+    pipeline = load_params(params)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"evaluating {what}", completed=done - 1, total=total)
+
+        summary = run_eval_stage(pipeline, project_dir=Path.cwd(), progress=progress)
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(render_eval_table(summary.results))
+    out.print(f"{summary.evaluated} evaluated, {summary.skipped} unchanged", highlight=False)
+    for plot in summary.plots:
+        out.print(f"plot: {plot}", highlight=False)
+
+
+def render_eval_table(results: Any) -> Table:
+    """A table of the final checkpoint of each stage and its metrics."""
+    final: dict[str, Any] = {}
+    for r in sorted(results, key=lambda r: r.step):
+        final[r.stage] = r
+    keys = sorted({k for r in final.values() for k in r.metrics})
+    table = Table("stage", "step", *keys, title="eval (final checkpoint of each stage)")
+    for stage, r in final.items():
+        table.add_row(
+            stage, str(r.step), *(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for k in keys)
+        )
+    return table
+
+
+@app.command("plot")
+@handles_errors
+def plot_cmd(
+    root: Annotated[Path, typer.Argument(help="A workspace or a release bundle.")] = Path("."),
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Where to write PNG and SVG files.")
+    ] = None,
+) -> None:
+    """Regenerate the plots (loss, eval curves, GRPO reward/KL) from a workspace or a bundle."""
+    from openrelease.plots import write_plots
+
+    target = out_dir or (root / "artifacts" / "eval" / "plots")
+    paths = write_plots(root, out_dir=target)
+    if not paths:
+        err.print("nothing to plot: no metrics.jsonl or eval results found", highlight=False)
+        raise typer.Exit(1)
+    for path in paths:
+        out.print(f"plot: {path}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,315 @@
+"""The eval stage: metrics for every recorded checkpoint, sample outputs, DVC metrics and plots.
+
+Checkpoints already evaluated (same checkpoint digest, same eval params) are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from openrelease.data.store import DataStore, read_jsonl
+from openrelease.data.tasks import extract_answer, has_reasoning_format
+from openrelease.digest import sha256_json
+from openrelease.errors import ParamsError
+from openrelease.manifest import StageManifest, read_model, write_json, write_text_atomic
+from openrelease.params import STAGES, EvalParams, PipelineParams
+
+Progress = Callable[[str, int, int], None]
+EVAL_DIR = "artifacts/eval"
+SAMPLE_SEED = 4242
+
+
+class EvalResult(BaseModel):
+    """``artifacts/eval/results/<stage>/step-<N>.json``: one checkpoint's metrics."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = 1
+    stage: str
+    step: int
+    tokens_seen: int
+    checkpoint: str
+    checkpoint_digest: str
+    eval_digest: str
+    """Digest of the eval params and eval data: a change re-evaluates."""
+    metrics: dict[str, float]
+
+
+class EvalSummary(BaseModel):
+    """What one eval run did."""
+
+    model_config = ConfigDict(frozen=True)
+    evaluated: int
+    skipped: int
+    results: tuple[EvalResult, ...]
+    plots: tuple[str, ...]
+
+
+def _task_problems(
+    task: str, store: DataStore, project_dir: Path, limit: int
+) -> list[dict[str, str]]:
+    if task == "arithmetic":
+        rows = store.records("eval_problems")
+    else:
+        path = project_dir / task
+        if not path.is_file():
+            raise ParamsError(
+                f"eval.tasks: {task!r} is neither a built-in task "
+                "(heldout_loss, arithmetic) nor a JSONL file of {prompt, answer}."
+            )
+        rows = read_jsonl(path)
+        for i, row in enumerate(rows, start=1):
+            if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+                raise ParamsError(f"{task}:{i}: each line needs prompt and answer.")
+    return rows[:limit]
+
+
+def _heldout_loss(model: Any, store: DataStore, *, limit: int) -> dict[str, float]:
+    import torch
+
+    from openrelease.data.tokenizer import BOS, EOS
+
+    tok = _fast_tokenizer(store.tokenizer_dir)
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    stream: list[int] = []
+    for row in store.records("eval_text"):
+        stream += [bos, *tok.encode(row["text"]).ids, eos]
+    seq_len = store.manifest.seq_len
+    n = min(limit, len(stream) // seq_len)
+    if n == 0:
+        return {}
+    ids = torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in torch.split(ids, 8):
+            loss = model(input_ids=chunk, labels=chunk).loss
+            tokens = chunk.numel() - chunk.shape[0]
+            total += float(loss) * tokens
+            count += tokens
+    mean = total / count
+    return {"heldout_loss": mean, "heldout_ppl": math.exp(min(mean, 50.0))}
+
+
+def _fast_tokenizer(tokenizer_dir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    sample_seed: int | None = None,
+) -> list[str]:
+    """Answer chat prompts (greedy, or seeded sampling when ``sample_seed`` is given)."""
+    import torch
+
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    outputs: list[str] = []
+    for start in range(0, len(texts), 16):
+        batch = tokenizer(
+            texts[start : start + 16], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if sample_seed is not None:
+            torch.manual_seed(sample_seed + start)
+            kwargs = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **kwargs,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return outputs
+
+
+def _generative_metrics(
+    model: Any, tokenizer: Any, task: str, rows: list[dict[str, str]], *, max_new_tokens: int
+) -> dict[str, float]:
+    if not rows:
+        return {}
+    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)
+    name = "arithmetic" if task == "arithmetic" else re.sub(r"\W+", "_", Path(task).stem)
+    correct = sum(
+        extract_answer(a) is not None and str(extract_answer(a)) == str(r["answer"])
+        for a, r in zip(answers, rows, strict=True)
+    )
+    formatted = sum(has_reasoning_format(a) for a in answers)
+    return {
+        f"{name}_exact_match": correct / len(rows),
+        f"{name}_format_rate": formatted / len(rows),
+    }
+
+
+def _load(checkpoint_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+    model.eval()  # type: ignore[no-untyped-call]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, padding_side="left")
+    return model, tokenizer
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: Path, *, store: DataStore, params: EvalParams, project_dir: Path
+) -> dict[str, float]:
+    """All configured metrics for one checkpoint folder."""
+    model, tokenizer = _load(checkpoint_dir)
+    metrics: dict[str, float] = {}
+    for task in params.tasks:
+        if task == "heldout_loss":
+            metrics |= _heldout_loss(model, store, limit=params.max_examples)
+        else:
+            rows = _task_problems(task, store, project_dir, params.max_examples)
+            metrics |= _generative_metrics(
+                model, tokenizer, task, rows, max_new_tokens=params.max_new_tokens
+            )
+    return metrics
+
+
+def _eval_digest(params: EvalParams, store: DataStore) -> str:
+    return sha256_json({"eval": params.model_dump(mode="json"), "data": store.manifest.data_digest})
+
+
+def _stage_manifests(project_dir: Path) -> dict[str, StageManifest]:
+    out: dict[str, StageManifest] = {}
+    for stage in STAGES:
+        path = project_dir / "artifacts" / stage / "manifest.json"
+        if path.exists():
+            out[stage] = read_model(path, StageManifest)
+    return out
+
+
+def write_samples(
+    stage: str, checkpoint_dir: Path, *, store: DataStore, params: EvalParams, out_path: Path
+) -> None:
+    """Answer a fixed prompt set with the stage's final checkpoint; save JSONL + settings."""
+    if params.num_samples == 0:
+        return
+    model, tokenizer = _load(checkpoint_dir)
+    rows = store.records("eval_problems")[: params.num_samples]
+    answers = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        max_new_tokens=params.max_new_tokens,
+        sample_seed=SAMPLE_SEED,
+    )
+    settings = {
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "seed": SAMPLE_SEED,
+        "max_new_tokens": params.max_new_tokens,
+        "checkpoint": checkpoint_dir.as_posix(),
+    }
+    lines = [
+        json.dumps(
+            {
+                "stage": stage,
+                "prompt": r["prompt"],
+                "reference": r["answer"],
+                "output": a,
+                "generation": settings,
+            },
+            sort_keys=True,
+        )
+        + "\n"
+        for r, a in zip(rows, answers, strict=True)
+    ]
+    write_text_atomic(out_path, "".join(lines))
+
+
+def run_eval_stage(
+    params: PipelineParams, *, project_dir: Path, progress: Progress | None = None
+) -> EvalSummary:
+    """Evaluate every checkpoint not evaluated before; write results, DVC metrics and plots."""
+    import torch
+
+    from openrelease.plots import write_plots
+
+    torch.manual_seed(0)
+    store = DataStore(project_dir / params.data.out_dir)
+    eval_dir = project_dir / EVAL_DIR
+    digest = _eval_digest(params.eval, store)
+    manifests = _stage_manifests(project_dir)
+    todo = [(s, c) for s, m in manifests.items() for c in m.checkpoints]
+    results: list[EvalResult] = []
+    evaluated = 0
+    for i, (stage, meta) in enumerate(todo, start=1):
+        if progress:
+            progress(f"{stage} step {meta.step}", i, len(todo))
+        result_path = eval_dir / "results" / stage / f"step-{meta.step}.json"
+        if result_path.exists():
+            old = read_model(result_path, EvalResult)
+            if old.checkpoint_digest == meta.checkpoint_digest and old.eval_digest == digest:
+                results.append(old)
+                continue
+        ckpt = f"artifacts/{stage}/checkpoints/step-{meta.step}"
+        metrics = evaluate_checkpoint(
+            project_dir / ckpt, store=store, params=params.eval, project_dir=project_dir
+        )
+        result = EvalResult(
+            stage=stage,
+            step=meta.step,
+            tokens_seen=meta.tokens_seen,
+            checkpoint=ckpt,
+            checkpoint_digest=meta.checkpoint_digest,
+            eval_digest=digest,
+            metrics=metrics,
+        )
+        write_json(result_path, result)
+        results.append(result)
+        evaluated += 1
+    for stage, manifest in manifests.items():
+        samples = eval_dir / "samples" / f"{stage}.jsonl"
+        if evaluated or not samples.exists():
+            write_samples(
+                stage,
+                project_dir / manifest.final_checkpoint,
+                store=store,
+                params=params.eval,
+                out_path=samples,
+            )
+    _write_dvc_outputs(results, eval_dir)
+    plots = write_plots(
+        project_dir, results=[r.model_dump() for r in results], out_dir=eval_dir / "plots"
+    )
+    return EvalSummary(
+        evaluated=evaluated,
+        skipped=len(results) - evaluated,
+        results=tuple(results),
+        plots=tuple(p.as_posix() for p in plots),
+    )
+
+
+def _write_dvc_outputs(results: list[EvalResult], eval_dir: Path) -> None:
+    """``metrics.json`` (final checkpoint of each stage) and ``curve.csv`` for `dvc plots`."""
+    final: dict[str, dict[str, float]] = {}
+    for r in sorted(results, key=lambda r: r.step):
+        final[r.stage] = {**r.metrics, "step": float(r.step)}
+    write_json(eval_dir / "metrics.json", final)
+    keys = sorted({k for r in results for k in r.metrics})
+    rows = ["stage,step,tokens_seen," + ",".join(keys)]
+    for r in sorted(results, key=lambda r: (STAGES.index(r.stage), r.step)):
+        values = ",".join(f"{r.metrics[k]:.6g}" if k in r.metrics else "" for k in keys)
+        rows.append(f"{r.stage},{r.step},{r.tokens_seen},{values}")
+    write_text_atomic(eval_dir / "curve.csv", "\n".join(rows) + "\n")
