@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,27 +18,18 @@ from openrelease.data.store import DataStore, read_jsonl
 from openrelease.data.tasks import extract_answer, has_reasoning_format
 from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
-from openrelease.manifest import StageManifest, read_model, write_json, write_text_atomic
+from openrelease.manifest import (
+    EvalResult,
+    StageManifest,
+    read_model,
+    write_json,
+    write_text_atomic,
+)
 from openrelease.params import STAGES, EvalParams, PipelineParams
 
 Progress = Callable[[str, int, int], None]
 EVAL_DIR = "artifacts/eval"
 SAMPLE_SEED = 4242
-
-
-class EvalResult(BaseModel):
-    """``artifacts/eval/results/<stage>/step-<N>.json``: one checkpoint's metrics."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: Literal[1] = 1
-    stage: str
-    step: int
-    tokens_seen: int
-    checkpoint: str
-    checkpoint_digest: str
-    eval_digest: str
-    """Digest of the eval params and eval data: a change re-evaluates."""
-    metrics: dict[str, float]
 
 
 class EvalSummary(BaseModel):

@@ -11,9 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from openrelease.errors import ProvenanceError
-from openrelease.manifest import CheckpointMeta, DataManifest, read_model
+from openrelease.manifest import CheckpointMeta, DataManifest, StageRecord, read_model
 from openrelease.params import STAGES
-from openrelease.tracking import StageRecord
 
 
 class LineageNode(BaseModel):

@@ -206,3 +206,57 @@ class DataManifest(Record):
     num_pretrain_tokens: int
     data_digest: str
     """Digest over everything above: the identity of this data, keying the data order."""
+
+
+class GitInfo(Record):
+    """The code version: commit, whether the tree was dirty, and the diff's digest."""
+
+    commit: str | None
+    dirty: bool
+    diff_sha256: str | None
+
+
+class InputRecord(Record):
+    """A data input of a stage (data manifest, tokenizer, parent checkpoint, traces)."""
+
+    name: str
+    kind: str
+    path: str
+    digest: str
+
+
+class StageRecord(Record):
+    """``record.json`` beside a stage's outputs: everything MLflow holds, without MLflow."""
+
+    schema_version: Literal[1] = 1
+    stage: str
+    pipeline_key: str
+    run_key: str
+    run_id: str | None
+    parent_run_id: str | None
+    tracking_uri: str
+    params: dict[str, Any]
+    params_digest: str
+    seed: int
+    git: GitInfo
+    environment: dict[str, str]
+    inputs: tuple[InputRecord, ...]
+    checkpoints: tuple[CheckpointMeta, ...]
+    final_metrics: dict[str, float]
+    started: str
+    finished: str | None
+    status: str
+
+
+class EvalResult(Record):
+    """``artifacts/eval/results/<stage>/step-<N>.json``: one checkpoint's metrics."""
+
+    schema_version: Literal[1] = 1
+    stage: str
+    step: int
+    tokens_seen: int
+    checkpoint: str
+    checkpoint_digest: str
+    eval_digest: str
+    """Digest of the eval params and eval data: a change re-evaluates."""
+    metrics: dict[str, float]

@@ -16,12 +16,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from openrelease.digest import sha256_bytes, sha256_file, sha256_json
-from openrelease.manifest import CheckpointMeta, write_json, write_text_atomic
+from openrelease.manifest import (
+    CheckpointMeta,
+    GitInfo,
+    InputRecord,
+    StageRecord,
+    write_json,
+    write_text_atomic,
+)
 from openrelease.params import PipelineParams
 from openrelease.tracking_journal import Journal, drain, now_ms
 
@@ -60,49 +67,6 @@ def tracking_uri(project_dir: Path) -> str:
     if uri:
         return uri
     return f"sqlite:///{(project_dir / 'mlflow.db').resolve()}"
-
-
-class GitInfo(BaseModel):
-    """The code version: commit, whether the tree was dirty, and the diff's digest."""
-
-    model_config = ConfigDict(frozen=True)
-    commit: str | None
-    dirty: bool
-    diff_sha256: str | None
-
-
-class InputRecord(BaseModel):
-    """A data input of a stage (data manifest, tokenizer, parent checkpoint, traces)."""
-
-    model_config = ConfigDict(frozen=True)
-    name: str
-    kind: str
-    path: str
-    digest: str
-
-
-class StageRecord(BaseModel):
-    """``record.json`` beside a stage's outputs: everything MLflow holds, without MLflow."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: Literal[1] = 1
-    stage: str
-    pipeline_key: str
-    run_key: str
-    run_id: str | None
-    parent_run_id: str | None
-    tracking_uri: str
-    params: dict[str, Any]
-    params_digest: str
-    seed: int
-    git: GitInfo
-    environment: dict[str, str]
-    inputs: tuple[InputRecord, ...]
-    checkpoints: tuple[CheckpointMeta, ...]
-    final_metrics: dict[str, float]
-    started: str
-    finished: str | None
-    status: str
 
 
 def _git(project_dir: Path, *args: str) -> str | None:

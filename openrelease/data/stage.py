@@ -294,7 +294,8 @@ def run_data_stage(
     params: PipelineParams, *, project_dir: Path, progress: Progress | None = None
 ) -> DataManifest:
     """The DVC `data` stage: build the data and record the run (MLflow + record.json)."""
-    from openrelease.tracking import InputRecord, StageTracker
+    from openrelease.manifest import InputRecord
+    from openrelease.tracking import StageTracker
 
     out_dir = project_dir / params.data.out_dir
     tracker = StageTracker("data", params=params, project_dir=project_dir, out_dir=out_dir)
