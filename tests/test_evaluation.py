@@ -23,45 +23,76 @@ def _fake_stage(project: Path, params: PipelineParams, stage: str, steps: list[i
     parent = None
     for step in steps:
         torch.manual_seed(step)
-        cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                          max_position_embeddings=128, tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
         ckpt = stage_dir / "checkpoints" / f"step-{step}"
         LlamaForCausalLM(cfg).save_pretrained(ckpt)
         for f in (project / "artifacts/data/tokenizer").iterdir():
             shutil.copy(f, ckpt / f.name)
         files = hash_folder(ckpt)
         meta = CheckpointMeta(
-            stage=stage, step=step, tokens_seen=step * 512, samples_seen=step * 8,
-            sample_range=(0, step * 8), data_digest="sha256:" + "d" * 64, loss=1.0 / step,
-            params_digest="sha256:" + "p" * 64, parent_digest=parent,
-            files=tuple(FileEntry(path=p, size=(ckpt / p).stat().st_size, sha256=d)
-                        for p, d in sorted(files.items())),
+            stage=stage,
+            step=step,
+            tokens_seen=step * 512,
+            samples_seen=step * 8,
+            sample_range=(0, step * 8),
+            data_digest="sha256:" + "d" * 64,
+            loss=1.0 / step,
+            params_digest="sha256:" + "p" * 64,
+            parent_digest=parent,
+            files=tuple(
+                FileEntry(path=p, size=(ckpt / p).stat().st_size, sha256=d)
+                for p, d in sorted(files.items())
+            ),
             checkpoint_digest=sha256_tree(files),
         )
         write_json(ckpt / "meta.json", meta)
         metas.append(meta)
         parent = meta.checkpoint_digest
-    write_json(stage_dir / "manifest.json", StageManifest(
-        stage=stage, final_step=steps[-1], checkpoints=tuple(metas),
-        final_checkpoint=f"artifacts/{stage}/checkpoints/step-{steps[-1]}"))
-    rows = [{"step": s, "loss": 5.0 / s, "tokens_seen": s * 512, "reward": 0.1 * s, "kl": 0.01}
-            for s in range(1, steps[-1] + 1)]
+    write_json(
+        stage_dir / "manifest.json",
+        StageManifest(
+            stage=stage,
+            final_step=steps[-1],
+            checkpoints=tuple(metas),
+            final_checkpoint=f"artifacts/{stage}/checkpoints/step-{steps[-1]}",
+        ),
+    )
+    rows = [
+        {"step": s, "loss": 5.0 / s, "tokens_seen": s * 512, "reward": 0.1 * s, "kl": 0.01}
+        for s in range(1, steps[-1] + 1)
+    ]
     (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_eval_all_checkpoints_then_rerun_is_a_noop(project: Path, tiny_params: PipelineParams) -> None:
+def test_eval_all_checkpoints_then_rerun_is_a_noop(
+    project: Path, tiny_params: PipelineParams
+) -> None:
     _fake_stage(project, tiny_params, "pretrain", [2, 4])
     _fake_stage(project, tiny_params, "grpo", [2])
     seen: list[str] = []
-    summary = run_eval_stage(tiny_params, project_dir=project,
-                             progress=lambda what, i, n: seen.append(f"{i}/{n} {what}"))
+    summary = run_eval_stage(
+        tiny_params, project_dir=project, progress=lambda what, i, n: seen.append(f"{i}/{n} {what}")
+    )
     assert summary.evaluated == 3 and summary.skipped == 0
     assert seen[0] == "1/3 pretrain step 2"
     result = EvalResult.model_validate_json(
-        (project / "artifacts/eval/results/pretrain/step-4.json").read_text())
-    assert set(result.metrics) == {"heldout_loss", "heldout_ppl", "arithmetic_exact_match",
-                                   "arithmetic_format_rate"}
+        (project / "artifacts/eval/results/pretrain/step-4.json").read_text()
+    )
+    assert set(result.metrics) == {
+        "heldout_loss",
+        "heldout_ppl",
+        "arithmetic_exact_match",
+        "arithmetic_format_rate",
+    }
     # A random 320-token model is close to uniform: loss near ln(320) = 5.77.
     assert 4.5 < result.metrics["heldout_loss"] < 7.5
     assert 0.0 <= result.metrics["arithmetic_exact_match"] <= 1.0
@@ -72,8 +103,12 @@ def test_eval_all_checkpoints_then_rerun_is_a_noop(project: Path, tiny_params: P
     assert len(samples) == tiny_params.eval.num_samples
     assert json.loads(samples[0])["generation"]["seed"] == 4242
     names = {Path(p).name for p in summary.plots}
-    assert {"training_loss.png", "training_loss.svg", "eval_metrics.png",
-            "grpo_reward_kl.svg"} <= names
+    assert {
+        "training_loss.png",
+        "training_loss.svg",
+        "eval_metrics.png",
+        "grpo_reward_kl.svg",
+    } <= names
     assert all(Path(p).stat().st_size > 1000 for p in summary.plots)
     again = run_eval_stage(tiny_params, project_dir=project)
     assert again.evaluated == 0 and again.skipped == 3
@@ -83,7 +118,12 @@ def test_eval_all_checkpoints_then_rerun_is_a_noop(project: Path, tiny_params: P
 def test_user_jsonl_task_without_code(project: Path, tiny_params: PipelineParams) -> None:
     _fake_stage(project, tiny_params, "sft", [2])
     (project / "capitals.jsonl").write_text('{"prompt": "2+2?", "answer": "4"}\n')
-    params = tiny_params.model_copy(update={"eval": tiny_params.eval.model_copy(
-        update={"tasks": ("capitals.jsonl",), "num_samples": 0})})
+    params = tiny_params.model_copy(
+        update={
+            "eval": tiny_params.eval.model_copy(
+                update={"tasks": ("capitals.jsonl",), "num_samples": 0}
+            )
+        }
+    )
     summary = run_eval_stage(params, project_dir=project)
     assert set(summary.results[0].metrics) == {"capitals_exact_match", "capitals_format_rate"}
