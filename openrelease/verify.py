@@ -1,0 +1,444 @@
+"""Check a release bundle against its MANIFEST.json and its own records -> VerifyReport.
+
+Reads only; never writes, never loads tensors or pickles, never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+from tokenizers import Tokenizer
+
+from openrelease.digest import sha256_tree
+from openrelease.errors import ArtifactError
+from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
+from openrelease.safetensors_header import read_safetensors_header
+from openrelease.untrusted import (
+    ProgressFn,
+    hash_files,
+    printable_name,
+    read_capped,
+    read_model_capped,
+    unsafe_path_reason,
+)
+
+MANIFEST = "MANIFEST.json"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_TOKENIZER_BYTES = 512 << 20
+MAX_YAML_BYTES = 4 << 20
+MAX_YAML_NODES = 100_000
+STAGE_ORDER = ("pretrain", "sft", "distill", "grpo")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+MOF_PATH_KEYS = frozenset({"path", "location", "component_path", "license_path"})
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+Severity = Literal["error", "warning"]
+
+
+class Problem(BaseModel):
+    """One finding: a stable code, the bundle-relative path it concerns, and what to do."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: str
+    path: str | None
+    message: str
+    severity: Severity = "error"
+
+
+class VerifyReport(BaseModel):
+    """Result of `verify_bundle` or `verify_hub`; ``ok`` when no problem is an error."""
+
+    target: str
+    """The bundle folder, or ``hf:<repo_id>@<revision>``."""
+    num_files: int = 0
+    """Files whose content was checked (hashed locally; on the Hub, found and matching)."""
+    num_bytes: int = 0
+    missing: list[str] = Field(default_factory=list)
+    """Listed in MANIFEST.json but absent."""
+    extra: list[str] = Field(default_factory=list)
+    """Present but not listed in MANIFEST.json."""
+    changed: list[str] = Field(default_factory=list)
+    """Present with a size or sha256 other than MANIFEST.json records."""
+    problems: list[Problem] = Field(default_factory=list)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ok(self) -> bool:
+        """True when every check held (warnings allowed)."""
+        return not any(p.severity == "error" for p in self.problems)
+
+    def add(
+        self, code: str, path: str | None, message: str, *, severity: Severity = "error"
+    ) -> None:
+        """Record a problem."""
+        self.problems.append(Problem(code=code, path=path, message=message, severity=severity))
+
+
+def load_bundle_manifest(bundle_dir: Path) -> BundleManifest:
+    """Read ``bundle_dir/MANIFEST.json`` defensively (size cap, no symlink, strict schema).
+
+    Raises:
+        ArtifactError: The bundle folder or its manifest is missing, oversized or malformed.
+    """
+    if not bundle_dir.is_dir():
+        raise ArtifactError(f"{bundle_dir} is not a folder; pass a release bundle folder.")
+    path = bundle_dir / MANIFEST
+    if not path.is_file() and not path.is_symlink():
+        raise ArtifactError(f"{path} is missing; rebuild the bundle with `openrelease bundle`.")
+    return read_model_capped(path, BundleManifest, max_bytes=MAX_MANIFEST_BYTES)
+
+
+# --------------------------------------------------------------------------- walking and hashing
+
+
+def _symlink_message(path: Path, root: Path) -> str:
+    target = Path(os.path.realpath(path))  # realpath, unlike resolve(), survives symlink loops
+    where = "inside" if target.is_relative_to(root) else "OUTSIDE"
+    return (
+        f"is a symlink to {where} the bundle ({printable_name(str(target))}); "
+        "a release holds regular files only, so it was not followed."
+    )
+
+
+def _walk(bundle_dir: Path, report: VerifyReport) -> dict[str, int]:
+    """Return {relative path: size} of regular files; report symlinks and odd entries."""
+    root = Path(os.path.realpath(bundle_dir))
+    sizes: dict[str, int] = {}
+
+    def on_error(exc: OSError) -> None:
+        report.add("unreadable", printable_name(str(exc.filename)), f"cannot list: {exc.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(bundle_dir, onerror=on_error):
+        base = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            path = base / name
+            rel = path.relative_to(bundle_dir).as_posix()
+            try:
+                mode, size = (info := path.lstat()).st_mode, info.st_size
+            except OSError as exc:
+                report.add("unreadable", printable_name(rel), f"cannot stat: {exc.strerror}")
+                continue
+            if printable_name(rel) != rel:
+                report.add("bad_filename", printable_name(rel), "name is not UTF-8; rename it.")
+            elif stat.S_ISLNK(mode):
+                report.add("symlink", rel, _symlink_message(path, root))
+            elif stat.S_ISREG(mode):
+                sizes[rel] = size
+            elif not stat.S_ISDIR(mode):
+                report.add("not_regular", rel, "is a device, FIFO or socket; remove it.")
+        dirnames[:] = [d for d in dirnames if not (base / d).is_symlink()]
+    return sizes
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_manifest(
+    manifest: BundleManifest, sizes: dict[str, int], digests: dict[str, str], report: VerifyReport
+) -> None:
+    seen: set[str] = set()
+    for entry in manifest.files:
+        path = entry.path
+        if reason := unsafe_path_reason(path):
+            report.add(
+                "unsafe_path", printable_name(path), f"MANIFEST.json path {reason}; not read."
+            )
+            continue
+        if path in seen:
+            report.add("manifest_duplicate", path, "listed twice in MANIFEST.json.")
+            continue
+        seen.add(path)
+        if path not in sizes:
+            report.missing.append(path)
+            report.add("missing_file", path, "listed in MANIFEST.json but not in the bundle.")
+        elif path in digests and (digests[path], sizes[path]) != (entry.sha256, entry.size):
+            report.changed.append(path)
+            report.add(
+                "changed_file",
+                path,
+                f"has {digests[path]} ({sizes[path]} bytes) but MANIFEST.json records "
+                f"{entry.sha256} ({entry.size} bytes).",
+            )
+    for path in sorted(set(sizes) - seen):
+        report.extra.append(path)
+        report.add("extra_file", path, "is in the bundle but not listed in MANIFEST.json.")
+    recomputed = sha256_tree({e.path: e.sha256 for e in manifest.files})
+    if recomputed != manifest.bundle_digest:
+        report.add(
+            "manifest_digest",
+            MANIFEST,
+            f"bundle_digest is {manifest.bundle_digest} but its file list hashes to {recomputed}; "
+            "the manifest was edited after it was written.",
+        )
+
+
+def _check_files(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> None:
+    for rel in sorted(sizes):
+        if rel.endswith(".safetensors"):
+            try:
+                read_safetensors_header(bundle_dir / rel)
+            except ArtifactError as exc:
+                report.add("safetensors_header", rel, str(exc))
+        elif rel.endswith(PICKLE_SUFFIXES):
+            report.add(
+                "pickle_file",
+                rel,
+                "is a pickle-format file; verify never loads it, and loading it can run "
+                "arbitrary code: publish safetensors instead.",
+                severity="warning",
+            )
+
+
+def _check_tokenizer(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> None:
+    tok_rel, probe_rel = "model/tokenizer.json", "model/tokenizer_probe.json"
+    for rel in (tok_rel, probe_rel):
+        if rel not in sizes:
+            report.add("tokenizer", rel, "is missing; the bundled tokenizer cannot be checked.")
+            return
+    try:
+        probe = read_model_capped(bundle_dir / probe_rel, TokenizerProbe)
+    except ArtifactError as exc:
+        report.add("tokenizer", probe_rel, str(exc))
+        return
+    try:
+        text = read_capped(bundle_dir / tok_rel, max_bytes=MAX_TOKENIZER_BYTES).decode("utf-8")
+    except (ArtifactError, UnicodeDecodeError) as exc:
+        why = str(exc) if isinstance(exc, ArtifactError) else "is not valid UTF-8."
+        report.add("tokenizer", tok_rel, why)
+        return
+    try:
+        ids = tuple(Tokenizer.from_str(text).encode(probe.text).ids)
+    except Exception as exc:  # tokenizers raises bare Exception for any malformed file
+        report.add("tokenizer", tok_rel, f"cannot be loaded by `tokenizers`: {str(exc)[:200]}")
+        return
+    if ids != probe.ids:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(ids, probe.ids, strict=False)) if a != b),
+            min(len(ids), len(probe.ids)),
+        )
+        report.add(
+            "tokenizer_probe",
+            tok_rel,
+            f"encodes the probe text to {len(ids)} ids, differing from the recorded "
+            f"{len(probe.ids)} ids at position {first}; the tokenizer is not the one trained.",
+        )
+
+
+Observed = dict[str, tuple[int, str | None]]
+"""{path inside a checkpoint folder: (size, sha256, or None where only the size is known)}."""
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """One checkpoint as found (on disk or on the Hub): where it is, its meta.json, its files."""
+
+    stage: str
+    step: int
+    where: str
+    meta: CheckpointMeta | None
+    files: Observed
+    """Every file of the checkpoint except meta.json."""
+
+
+def _check_meta_files(view: CheckpointView, meta: CheckpointMeta, report: VerifyReport) -> None:
+    if (meta.stage, meta.step) != (view.stage, view.step):
+        report.add(
+            "checkpoint_meta",
+            view.where,
+            f"meta.json says {meta.stage} step {meta.step}; the checkpoint was moved or swapped.",
+        )
+    listed = {f.path: (f.size, f.sha256) for f in meta.files}
+    for path in sorted(set(listed) | set(view.files)):
+        want, got = listed.get(path), view.files.get(path)
+        if want is None or got is None:
+            how = "missing" if got is None else "unlisted"
+        elif want[0] != got[0] or got[1] not in (None, want[1]):
+            how = "changed"
+        else:
+            continue
+        shown = f"{view.where}/{printable_name(path)}"
+        report.add("checkpoint_files", shown, f"{how} vs meta.json.")
+    if sha256_tree({p: d for p, (_, d) in listed.items()}) != meta.checkpoint_digest:
+        report.add(
+            "checkpoint_digest", view.where, "meta.json checkpoint_digest does not match its files."
+        )
+
+
+def _stage_key(stage: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+
+
+def _check_parent(
+    view: CheckpointView,
+    parent: str | None,
+    *,
+    prev: CheckpointView | None,
+    stage_of: dict[str, str],
+    report: VerifyReport,
+) -> None:
+    """Within a stage the parent is the previous step; a later stage starts from an earlier one."""
+    if prev is None or prev.meta is None:
+        return
+    if prev.stage == view.stage and parent != prev.meta.checkpoint_digest:
+        report.add(
+            "parent_chain",
+            view.where,
+            f"parent_digest {parent} is not the previous {view.stage} checkpoint "
+            f"(step {prev.step}, {prev.meta.checkpoint_digest}).",
+        )
+    elif prev.stage != view.stage and (
+        parent is None
+        or (parent in stage_of and _stage_key(stage_of[parent]) >= _stage_key(view.stage))
+    ):
+        report.add(
+            "parent_chain",
+            view.where,
+            f"first {view.stage} checkpoint has parent_digest {parent}, "
+            "which is not a checkpoint of an earlier stage.",
+        )
+
+
+def check_lineage(views: list[CheckpointView], report: VerifyReport) -> None:
+    """Check each checkpoint against its meta.json, the parent chain, and duplicate weights."""
+    views = sorted(views, key=lambda v: (_stage_key(v.stage), v.step))
+    stage_of = {v.meta.checkpoint_digest: v.stage for v in views if v.meta is not None}
+    by_weights: dict[tuple[tuple[str, str | None], ...], str] = {}
+    prev: CheckpointView | None = None
+    for view in views:
+        if view.meta is not None:
+            _check_meta_files(view, view.meta, report)
+            _check_parent(
+                view, view.meta.parent_digest, prev=prev, stage_of=stage_of, report=report
+            )
+        prev = view
+        weights = tuple(
+            sorted((p, d) for p, (_, d) in view.files.items() if p.endswith(WEIGHT_SUFFIXES))
+        )
+        if not weights or any(d is None for _, d in weights):
+            continue
+        if weights in by_weights:
+            report.add(
+                "duplicate_weights",
+                view.where,
+                f"has weights byte-identical to {by_weights[weights]}; one step is mislabelled.",
+            )
+        by_weights.setdefault(weights, view.where)
+
+
+def _check_checkpoints(
+    bundle_dir: Path, sizes: dict[str, int], digests: dict[str, str], report: VerifyReport
+) -> None:
+    folders: dict[tuple[str, str], Observed] = {}
+    for rel, digest in digests.items():
+        parts = rel.split("/", 3)
+        if parts[0] == "checkpoints" and len(parts) == 4:
+            folders.setdefault((parts[1], parts[2]), {})[parts[3]] = (sizes[rel], digest)
+    views = []
+    for (stage, folder), files in folders.items():
+        where = f"checkpoints/{stage}/{folder}"
+        match = _STEP_DIR.fullmatch(folder)
+        if match is None or "meta.json" not in files:
+            report.add("checkpoint_meta", where, "is not a step-<N> folder with a meta.json.")
+            continue
+        try:
+            meta: CheckpointMeta | None = read_model_capped(
+                bundle_dir / where / "meta.json", CheckpointMeta
+            )
+        except ArtifactError as exc:
+            report.add("checkpoint_meta", f"{where}/meta.json", str(exc))
+            meta = None
+        del files["meta.json"]
+        views.append(CheckpointView(stage, int(match.group(1)), where, meta, files))
+    check_lineage(views, report)
+
+
+def _mof_paths(doc: Any) -> Iterator[str]:
+    """Every string under a path-like key anywhere in ``doc``; each node visited once."""
+    stack: list[Any] = [doc]
+    seen: set[int] = set()
+    while stack and len(seen) < MAX_YAML_NODES:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in MOF_PATH_KEYS and isinstance(value, str):
+                    yield value
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def check_mof(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> None:
+    """Every local path that mof.yaml names must be a file or folder of the bundle."""
+    if "mof.yaml" not in sizes:
+        report.add("mof", "mof.yaml", "is missing; the bundle has no MOF release description.")
+        return
+    try:
+        text = read_capped(bundle_dir / "mof.yaml", max_bytes=MAX_YAML_BYTES).decode("utf-8")
+        doc = yaml.safe_load(text)
+    except ArtifactError as exc:
+        report.add("mof", "mof.yaml", str(exc))
+        return
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        report.add("mof", "mof.yaml", f"cannot be read as YAML: {type(exc).__name__}.")
+        return
+    folders = {p.rsplit("/", i)[0] for p in sizes for i in range(1, p.count("/") + 1)}
+    for value in _mof_paths(doc):
+        path = value.strip().rstrip("/")
+        if not path or "://" in path:
+            continue
+        if reason := unsafe_path_reason(path):
+            report.add("mof_path", "mof.yaml", f"path {path[:200]!r} {reason}.")
+        elif path not in sizes and path not in folders:
+            report.add("mof_path", "mof.yaml", f"lists {path[:200]!r}, which is not in the bundle.")
+
+
+def verify_bundle(
+    bundle_dir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    num_threads: int | None = None,
+) -> VerifyReport:
+    """Check every file, header, tokenizer, checkpoint record and mof.yaml path of a bundle.
+
+    Args:
+        bundle_dir: The release folder (with MANIFEST.json at its root).
+        progress: Optional callback ``(bytes_done, total_bytes)`` while hashing.
+        num_threads: Hashing threads; defaults to the number of CPUs.
+
+    Returns:
+        A report listing missing, extra and changed files and every problem found.
+
+    Raises:
+        ArtifactError: The folder or its MANIFEST.json is missing or unreadable.
+    """
+    manifest = load_bundle_manifest(bundle_dir)
+    report = VerifyReport(target=str(bundle_dir))
+    sizes = {
+        rel: size
+        for rel, size in _walk(bundle_dir, report).items()
+        if rel != MANIFEST and not rel.startswith("signatures/")
+    }
+    digests, errors = hash_files(bundle_dir, sizes, progress=progress, num_threads=num_threads)
+    for rel, why in sorted(errors.items()):
+        report.add("unreadable", rel, f"cannot be read: {why}")
+    report.num_files, report.num_bytes = len(digests), sum(sizes[p] for p in digests)
+    _check_manifest(manifest, sizes, digests, report)
+    _check_files(bundle_dir, sizes, report)
+    _check_tokenizer(bundle_dir, sizes, report)
+    _check_checkpoints(bundle_dir, sizes, digests, report)
+    check_mof(bundle_dir, sizes, report)
+    return report

@@ -1,0 +1,254 @@
+"""Check a release published on the Hugging Face Hub against its MANIFEST.json and meta.json.
+
+Uses file listings (size, LFS sha256) of every branch; downloads only MANIFEST.json and meta.json.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.hf_api import RepoFile
+
+from openrelease.digest import PREFIX, sha256_bytes
+from openrelease.errors import ArtifactError
+from openrelease.manifest import BundleManifest, CheckpointMeta
+from openrelease.untrusted import (
+    ModelT,
+    parse_json_bytes,
+    read_capped,
+    unsafe_path_reason,
+    validate_model,
+)
+from openrelease.verify import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    CheckpointView,
+    Observed,
+    VerifyReport,
+    check_lineage,
+)
+
+MAX_META_BYTES = 16 << 20
+BRANCH = re.compile(r"(?P<stage>[a-z0-9_]+)-step(?P<step>\d+)")
+"""Checkpoint branches are named ``<stage>-step<N>`` (the Pythia/OLMo convention)."""
+_CHECKPOINT = re.compile(r"checkpoints/(?P<stage>[^/]+)/step-(?P<step>\d+)/(?P<rest>.+)")
+_NOT_RECORDED = frozenset({".gitattributes", MANIFEST})
+DATA = "data"
+"""Listing key of the dataset repo ``<repo_id>-data``."""
+
+Location = tuple[str, str]
+"""(listing key: a model-repo revision or DATA, path in that repo)."""
+
+
+def hub_locations(path: str, *, main: str) -> list[Location]:
+    """Where `publish_bundle` puts a bundle file, then the plain bundle path on ``main``.
+
+    ``model/X`` -> ``X`` on main; ``checkpoints/<stage>/step-<N>/X`` -> ``X`` on branch
+    ``<stage>-step<N>``; ``data/...`` -> the dataset repo ``<repo_id>-data``; else as is.
+    """
+    if match := _CHECKPOINT.fullmatch(path):
+        return [(f"{match['stage']}-step{int(match['step'])}", match["rest"]), (main, path)]
+    if path.startswith("model/"):
+        return [(main, path.removeprefix("model/")), (main, path)]
+    if path.startswith("data/"):
+        return [(DATA, path), (main, path)]
+    return [(main, path)]
+
+
+@dataclass(frozen=True)
+class _Hub:
+    api: HfApi
+    repo_id: str
+    tmp_dir: Path
+
+    def listing(self, revision: str, *, repo_type: str = "model") -> Observed:
+        """{path: (size, sha256 for LFS files or None)} of every file at ``revision``."""
+        repo_id = self.repo_id + ("-data" if repo_type == "dataset" else "")
+        tree = self.api.list_repo_tree(
+            repo_id, recursive=True, revision=revision, repo_type=repo_type
+        )
+        return {
+            item.path: (item.size, PREFIX + item.lfs.sha256 if item.lfs is not None else None)
+            for item in tree
+            if isinstance(item, RepoFile)
+        }
+
+    def record(
+        self, path: str, model: type[ModelT], *, revision: str, size: int, max_bytes: int
+    ) -> tuple[ModelT, str]:
+        """Download one small JSON record, validate it, and return it with its sha256."""
+        where = f"hf:{self.repo_id}@{revision}/{path}"
+        if size > max_bytes:
+            raise ArtifactError(f"{where} is {size} bytes, above the {max_bytes}-byte limit.")
+        local_dir = self.tmp_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", revision)
+        local = self.api.hf_hub_download(self.repo_id, path, revision=revision, local_dir=local_dir)
+        data = read_capped(Path(local), max_bytes=max_bytes)
+        record = validate_model(parse_json_bytes(data, where=where), model, where=where)
+        return record, sha256_bytes(data)
+
+
+def _compare_files(
+    manifest: BundleManifest, listings: dict[str, Observed], *, main: str, report: VerifyReport
+) -> None:
+    claimed: set[Location] = set()
+    for entry in manifest.files:
+        if reason := unsafe_path_reason(entry.path):
+            report.add("unsafe_path", entry.path[:200], f"MANIFEST.json path {reason}.")
+            continue
+        places = hub_locations(entry.path, main=main)
+        where = next((p for p in places if p[1] in listings.get(p[0], {})), None)
+        if where is None:
+            report.missing.append(entry.path)
+            report.add("missing_file", entry.path, f"not on the Hub (expected at {places[0]}).")
+            continue
+        claimed.add(where)
+        size, sha = listings[where[0]][where[1]]
+        if size != entry.size or sha not in (None, entry.sha256):
+            report.changed.append(entry.path)
+            report.add(
+                "changed_file",
+                entry.path,
+                f"{where[0]}:{where[1]} on the Hub is {sha or 'a file'} ({size} bytes) but "
+                f"MANIFEST.json records {entry.sha256} ({entry.size} bytes).",
+            )
+        else:
+            report.num_files += 1
+            report.num_bytes += size
+    for key in (main, DATA):
+        for path in sorted(set(listings.get(key, {})) - _NOT_RECORDED):
+            if (key, path) not in claimed and not path.startswith("signatures/"):
+                shown = f"{key}:{path}"
+                report.extra.append(shown)
+                report.add("extra_file", shown, "is on the Hub but not in MANIFEST.json.")
+
+
+def _checkpoint_view(
+    hub: _Hub,
+    revision: str,
+    listing: Observed,
+    *,
+    checkpoint: tuple[str, int],
+    report: VerifyReport,
+) -> CheckpointView | None:
+    """One checkpoint on ``revision``: its files at the root or at their bundle path."""
+    stage, step = checkpoint
+    bundle_prefix = f"checkpoints/{stage}/step-{step}/"
+    prefix = bundle_prefix if bundle_prefix + "meta.json" in listing else ""
+    where = f"{revision}:{prefix}".rstrip(":/")
+    if prefix + "meta.json" not in listing:
+        report.add("checkpoint_meta", where, "has no meta.json.")
+        return None
+    try:
+        meta, digest = hub.record(
+            prefix + "meta.json",
+            CheckpointMeta,
+            revision=revision,
+            size=listing[prefix + "meta.json"][0],
+            max_bytes=MAX_META_BYTES,
+        )
+    except ArtifactError as exc:
+        report.add("checkpoint_meta", where, str(exc))
+        return None
+    # Now that it is downloaded, its sha256 is known: the manifest comparison uses it.
+    listing[prefix + "meta.json"] = (listing[prefix + "meta.json"][0], digest)
+    # A branch root also holds the card that publish generates; it is not a checkpoint file.
+    generated = {"meta.json", *_NOT_RECORDED} | ({"README.md"} if not prefix else set())
+    listed = {f.path for f in meta.files}
+    files = {
+        p[len(prefix) :]: v
+        for p, v in listing.items()
+        if p.startswith(prefix)
+        and (p[len(prefix) :] not in generated or p[len(prefix) :] in listed)
+    }
+    return CheckpointView(stage, step, where, meta, files)
+
+
+def _checkpoints(
+    hub: _Hub,
+    listings: dict[str, Observed],
+    *,
+    main: str,
+    report: VerifyReport,
+) -> list[CheckpointView]:
+    """Every checkpoint: one per ``<stage>-step<N>`` branch, plus any kept only on main."""
+    where: dict[tuple[str, int], str] = {}
+    for name in listings:
+        if name not in (main, DATA) and (match := BRANCH.fullmatch(name)):
+            where[(match["stage"], int(match["step"]))] = name
+    for path in listings[main]:
+        if (found := _CHECKPOINT.fullmatch(path)) and found["rest"] == "meta.json":
+            where.setdefault((found["stage"], int(found["step"])), main)
+    views = [
+        _checkpoint_view(hub, rev, listings[rev], checkpoint=c, report=report)
+        for c, rev in sorted(where.items())
+    ]
+    return [v for v in views if v is not None]
+
+
+def _read_listings(hub: _Hub, main: str) -> dict[str, Observed]:
+    listings = {main: hub.listing(main)}
+    for branch in hub.api.list_repo_refs(hub.repo_id).branches:
+        if BRANCH.fullmatch(branch.name) and branch.name != main:
+            listings[branch.name] = hub.listing(branch.name)
+    try:
+        listings[DATA] = hub.listing(main, repo_type="dataset")
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        listings[DATA] = {}
+    return listings
+
+
+def verify_hub(
+    repo_id: str,
+    *,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+) -> VerifyReport:
+    """Check a release published by `publish_bundle` without downloading weights.
+
+    ``revision`` (default ``main``) must hold MANIFEST.json. Every file it lists must be where
+    `hub_locations` says; LFS files are compared by sha256 and size, other files by size. Each
+    checkpoint branch is checked against its meta.json, the parent chain, and for weights
+    byte-identical to another step's.
+
+    Args:
+        repo_id: ``org/name`` of the model repo (data is read from ``org/name-data``).
+        endpoint: Hub URL; None uses huggingface_hub's default.
+        token: Access token, False for anonymous access, None for the saved token.
+        revision: Branch or tag holding the release's MANIFEST.json.
+
+    Returns:
+        The report, with target ``hf:<repo_id>@<revision>``.
+
+    Raises:
+        ArtifactError: The repo, revision or MANIFEST.json cannot be read.
+    """
+    main = revision or "main"
+    report = VerifyReport(target=f"hf:{repo_id}@{main}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="openrelease-verify-") as tmp:
+            hub = _Hub(HfApi(endpoint=endpoint, token=token), repo_id, Path(tmp))
+            listings = _read_listings(hub, main)
+            if MANIFEST not in listings[main]:
+                raise ArtifactError(f"hf:{repo_id}@{main} has no {MANIFEST}; publish a bundle.")
+            manifest, _ = hub.record(
+                MANIFEST,
+                BundleManifest,
+                revision=main,
+                size=listings[main][MANIFEST][0],
+                max_bytes=MAX_MANIFEST_BYTES,
+            )
+            views = _checkpoints(hub, listings, main=main, report=report)
+    except HfHubHTTPError as exc:
+        raise ArtifactError(
+            f"hf:{repo_id}@{main} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
+            "check the repo id, revision, endpoint and token."
+        ) from None
+    _compare_files(manifest, listings, main=main, report=report)
+    check_lineage(views, report)
+    return report
