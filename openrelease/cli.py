@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -66,6 +67,8 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
                 raise
             err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
             raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort):
+            raise
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -276,6 +279,73 @@ def lineage_cmd(
     out.print(table)
 
 
+# --------------------------------------------------------------------------- train, launch
+
+
+@app.command("train")
+@handles_errors
+def train_cmd(
+    stage: Annotated[StageName, typer.Argument(help="pretrain, sft, distill or grpo.")],
+    params: ParamsOpt = Path("params.yaml"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the launch command; train nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one training stage on this process (every rank of a torchrun job calls this)."""
+    if dry_run:
+        from openrelease.train.launch import launch_command
+
+        argv = launch_command(load_params(params).compute, stage=stage, params_path=str(params))
+        if as_json:
+            _print_json({"argv": argv})
+        else:
+            out.print(" ".join(argv), highlight=False)
+        return
+    from openrelease.train import main_from_cli
+
+    report = main_from_cli(stage, params, Path.cwd())
+    if report.rank != 0:
+        return
+    if as_json:
+        _print_json(report)
+    else:
+        loss = f"{report.final_loss:.4f}" if report.final_loss is not None else "-"
+        out.print(
+            f"{stage}: steps {report.start_step}->{report.final_step} on {report.world_size} "
+            f"process(es) in {report.seconds:.1f}s, loss {loss}, {report.tokens_seen} tokens",
+            highlight=False,
+        )
+    if report.interrupted:
+        err.print(f"{stage}: stopped by a signal after saving a resumable state", highlight=False)
+        raise typer.Exit(143)
+
+
+@app.command("launch")
+@handles_errors
+def launch_cmd(
+    stage: Annotated[StageName, typer.Argument(help="pretrain, sft, distill or grpo.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Start a training stage with the launcher params choose (python, torchrun or srun).
+
+    This is what `dvc.yaml` runs; the exit code is the launcher's.
+    """
+    import subprocess
+
+    from openrelease.train.launch import launch_command
+
+    argv = launch_command(load_params(params).compute, stage=stage, params_path=str(params))
+    if argv[0] == "python":  # the interpreter this CLI runs in, so a venv need not be on PATH
+        argv[0] = sys.executable
+    elif argv[0] == "torchrun":
+        argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+    err.print(f"$ {' '.join(argv)}", highlight=False)
+    code = subprocess.call(argv)
+    if code != 0:
+        raise typer.Exit(code)
+
+
 # --------------------------------------------------------------------------- eval, plot
 
 
@@ -336,6 +406,253 @@ def plot_cmd(
         raise typer.Exit(1)
     for path in paths:
         out.print(f"plot: {path}", highlight=False)
+
+
+# --------------------------------------------------------------------------- verify, audit, publish
+
+EndpointOpt = Annotated[
+    str | None, typer.Option("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co).")
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch or tag.")]
+
+
+class MofClassName(StrEnum):
+    """A MOF class on the command line (I is the most open)."""
+
+    I = "I"  # noqa: E741 - the MOF's own name for the class
+    II = "II"
+    III = "III"
+
+    @property
+    def number(self) -> int:
+        """1, 2 or 3."""
+        return {"I": 1, "II": 2, "III": 3}[self.value]
+
+
+def _byte_progress(label: str) -> tuple[Any, Callable[[int, int], None]]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    task = bar.add_task(label, total=None)
+
+    def tick(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, tick
+
+
+def render_verify_report(report: Any) -> None:
+    """Print a verify report: counts, then every difference and problem."""
+    status = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
+    out.print(
+        f"verify {report.target}: {status} ({report.num_files} files, "
+        f"{report.num_bytes / 1e6:.1f} MB checked)",
+        highlight=False,
+    )
+    for label, paths in (
+        ("missing", report.missing),
+        ("changed", report.changed),
+        ("extra", report.extra),
+    ):
+        for path in paths[:50]:
+            out.print(f"  {label}: {path}", markup=False, highlight=False)
+        if len(paths) > 50:
+            out.print(f"  ... and {len(paths) - 50} more {label}", highlight=False)
+    for p in report.problems:
+        out.print(f"  {p.severity}: [{p.code}] {p.path or '-'}: {p.message}", markup=False)
+
+
+@app.command("verify")
+@handles_errors
+def verify_cmd(
+    target: Annotated[
+        str, typer.Argument(help="A release folder, or hf:ORG/NAME for a published release.")
+    ],
+    as_json: JsonOpt = False,
+    revision: RevisionOpt = None,
+    endpoint: EndpointOpt = None,
+    num_threads: Annotated[
+        int | None, typer.Option("--num-threads", min=1, help="Hashing threads (default: CPUs).")
+    ] = None,
+) -> None:
+    """Check that a release is exactly what its MANIFEST.json says (exit 1 when not)."""
+    if target.startswith("hf:"):
+        from openrelease.verify_hub import verify_hub
+
+        with err.status(f"reading {target}"):
+            report = verify_hub(target[3:], endpoint=endpoint, revision=revision)
+    else:
+        from openrelease.verify import verify_bundle
+
+        bar, tick = _byte_progress("hashing")
+        with bar:
+            report = verify_bundle(Path(target), progress=tick, num_threads=num_threads)
+    if as_json:
+        _print_json(report)
+    else:
+        render_verify_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def render_audit_table(report: Any) -> Table:
+    """The audit as a table: one row per MOF component."""
+    from openrelease.audit import ROMAN
+
+    title = f"MOF audit of {report.target}: "
+    title += (
+        report.verified.label
+        if report.verified
+        else (report.claimed.label if report.claimed else "unclassified")
+    )
+    table = Table("component", "class", "claimed", "verified", "license", "evidence", title=title)
+    for r in report.rows:
+        more = f" (+{r.num_evidence - 1})" if r.num_evidence > 1 else ""
+        evidence = (r.evidence[0] + more) if r.evidence else (r.problem or "")
+        verified = r.verified_status or ("-" if r.verified is None else "missing")
+        table.add_row(
+            r.component,
+            ROMAN[r.mof_class],
+            r.claimed_status or "-",
+            verified,
+            r.license or "",
+            evidence,
+        )
+    return table
+
+
+@app.command("audit")
+@handles_errors
+def audit_cmd(
+    target: Annotated[
+        str, typer.Argument(help="A release folder, a MOT YAML file, or a Hub repo ORG/NAME.")
+    ],
+    as_json: JsonOpt = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown.")] = False,
+    write_mof: Annotated[
+        Path | None, typer.Option("--write-mof", help="Write the verified components as MOT YAML.")
+    ] = None,
+    require_class: Annotated[
+        MofClassName | None,
+        typer.Option("--require-class", help="Exit 1 unless the release is this class or better."),
+    ] = None,
+    endpoint: EndpointOpt = None,
+    revision: RevisionOpt = None,
+    no_hashes: Annotated[
+        bool, typer.Option("--no-hashes", help="Skip hashing weights (faster, less certain).")
+    ] = False,
+) -> None:
+    """Score a release's MOF openness class from its evidence, not only its claims."""
+    from openrelease.audit import audit
+    from openrelease.manifest import write_text_atomic
+
+    with err.status(f"auditing {target}"):
+        report = audit(target, endpoint=endpoint, revision=revision, check_hashes=not no_hashes)
+    if write_mof is not None:
+        write_text_atomic(write_mof, report.to_mof_yaml())
+    if as_json:
+        _print_json(report)
+    elif markdown:
+        sys.stdout.write(report.to_markdown())
+    else:
+        out.print(render_audit_table(report))
+        for p in report.problems:
+            out.print(f"{p.severity}: {p.path or '-'}: {p.message}", markup=False)
+    if require_class is not None and not report.meets(require_class.number):
+        err.print(
+            f"{target}: MOF class {report.mof_class or 'none'} does not meet Class "
+            f"{require_class.value}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("publish")
+@handles_errors
+def publish_cmd(
+    bundle: Annotated[Path, typer.Argument(help="The release folder to publish.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="ORG/NAME of the model repo.")],
+    endpoint: EndpointOpt = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Tag for main (default: release-<digest>).")
+    ] = None,
+    require_class: Annotated[
+        MofClassName | None,
+        typer.Option("--require-class", help="Refuse unless the audit reaches this class."),
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create new repos private.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be uploaded; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a verified release to the Hugging Face Hub (checkpoints as branches, data repo)."""
+    from openrelease.publish import publish_bundle
+
+    if not (dry_run or yes or as_json):
+        plan = publish_bundle(
+            bundle,
+            repo_id=repo_id,
+            endpoint=endpoint,
+            dry_run=True,
+            require_class=require_class.number if require_class else None,
+        )
+        _render_publish(plan)
+        if not typer.confirm("publish?", err=True):
+            raise typer.Exit(1)
+    bar, tick = _byte_progress("uploading")
+    with bar:
+        report = publish_bundle(
+            bundle,
+            repo_id=repo_id,
+            endpoint=endpoint,
+            private=private,
+            revision_tag=tag,
+            dry_run=dry_run,
+            require_class=require_class.number if require_class else None,
+            progress=tick,
+        )
+    if as_json:
+        _print_json(report)
+    else:
+        _render_publish(report)
+    if not dry_run and not report.ok:  # a dry run's plan lists what is not there yet
+        raise typer.Exit(1)
+
+
+def _render_publish(report: Any) -> None:
+    verb = "would upload" if report.dry_run else "uploaded"
+    table = Table("repo", "revision", "files", verb, "MB", title=f"publish to {report.endpoint}")
+    for t in report.targets:
+        new = " (new)" if t.created else ""
+        table.add_row(
+            f"{t.repo_type}:{t.repo_id}",
+            t.revision + new,
+            str(t.num_files),
+            str(len(t.uploaded)),
+            f"{t.num_uploaded_bytes / 1e6:.1f}",
+        )
+    out.print(table)
+    out.print(f"tag: {report.tag}", highlight=False)
+    for label, paths in (("missing", report.missing), ("mismatched", report.mismatched)):
+        for path in paths:
+            out.print(f"  {label}: {path}", markup=False, highlight=False)
 
 
 def main() -> None:

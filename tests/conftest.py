@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hubserver import HubServer, serve_hub
+from huggingface_hub import constants
 
 from openrelease.params import PipelineParams, load_params
 
@@ -34,6 +36,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_params() -> PipelineParams:
     """The test recipe (tests/assets/params_test.yaml): every stage runs in seconds."""
     return load_params(TEST_PARAMS)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """A loopback Hub server (tests/hubserver.py); HF_TOKEN unset, HF_HOME private."""
+    # huggingface_hub reads these at import time: patch the constants, not only the env.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with serve_hub(tmp_path / "hub") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

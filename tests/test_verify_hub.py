@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bundle_factory import make_bundle, write_checkpoint_meta, write_manifest
-from hubserver import TOKEN, USER, HubServer, serve_hub
-from huggingface_hub import CommitOperationAdd, HfApi, constants
+from hubserver import TOKEN, USER, HubServer
+from huggingface_hub import CommitOperationAdd, HfApi
 
 from openrelease.errors import ArtifactError
 from openrelease.manifest import BundleManifest, CheckpointMeta, read_model
@@ -16,17 +15,6 @@ from openrelease.verify import VerifyReport, verify_bundle
 from openrelease.verify_hub import verify_hub
 
 REPO = f"{USER}/tiny-open-llm"
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with serve_hub(tmp_path / "hub") as server:
-        yield server
 
 
 @pytest.fixture
