@@ -6,15 +6,17 @@ Sampling is seeded per (seed, step, rank), so a rerun or a resume draws the same
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 
 from openrelease.data.tasks import has_reasoning_format, is_correct
 from openrelease.params import GRPOParams
+from openrelease.train.distributed import gathered
 
 RewardFn = Callable[[str, str, int], float]
 
@@ -85,9 +87,23 @@ class Rollouts:
     """1 on response tokens up to and including the first eos."""
     prompt_len: int
 
+    def rows(self, start: int, stop: int) -> Rollouts:
+        """Rollouts ``start:stop`` (for micro-batching)."""
+        return Rollouts(
+            self.sequences[start:stop],
+            self.attention_mask[start:stop],
+            self.response_mask[start:stop],
+            self.prompt_len,
+        )
 
-def _fsdp_modules(model: torch.nn.Module) -> list[FSDPModule]:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -119,14 +135,12 @@ def sample_rollouts(
         mask[r, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    modules = _fsdp_modules(model)
-    for m in modules:
-        m.set_reshard_after_forward(False)
-    try:
+    cache_kw = _cache_kwarg(model)
+    with gathered(model):
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = _cache_of(out), out.logits[:, -1]
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         new_tokens, new_mask = [], []
         for _ in range(params.max_new_tokens):
@@ -141,14 +155,10 @@ def sample_rollouts(
                 input_ids=token.unsqueeze(1),
                 attention_mask=mask,
                 position_ids=_positions(mask)[:, -1:],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
-    finally:
-        for m in modules:
-            m.set_reshard_after_forward(True)
-            m.reshard()
+            cache, logits = _cache_of(out), out.logits[:, -1]
     response = torch.stack(new_tokens, dim=1)
     response_mask = torch.stack(new_mask, dim=1)
     attention = torch.cat([mask[:, :width], response_mask], dim=1)

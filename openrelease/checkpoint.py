@@ -1,0 +1,399 @@
+"""Checkpoints: resumable DCP training states and consolidated HF release folders, both atomic.
+
+Also writes and reads the per-stage manifest. Every folder is built under ``.tmp-*`` and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from openrelease.digest import sha256_file, sha256_tree
+from openrelease.errors import ArtifactError
+from openrelease.manifest import (
+    CheckpointMeta,
+    FileEntry,
+    StageManifest,
+    read_json,
+    read_model,
+    write_json,
+)
+
+STATE_FILE = "state.json"
+META_FILE = "meta.json"
+WEIGHTS_FILE = "model.safetensors"
+TMP_PREFIX = ".tmp-"
+
+
+def step_dir(parent: Path, step: int) -> Path:
+    """``parent/step-<step>``: the folder of one checkpoint or training state."""
+    return parent / f"step-{step}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step-") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def _complete_steps(parent: Path, marker: str) -> list[tuple[int, Path]]:
+    if not parent.is_dir():
+        return []
+    found = []
+    for child in parent.iterdir():
+        step = _step_of(child)
+        if step is not None and (child / marker).is_file():
+            found.append((step, child))
+    return sorted(found)
+
+
+def remove_partial(parent: Path) -> list[Path]:
+    """Delete leftover ``.tmp-*`` folders of interrupted writes under ``parent``; return them."""
+    if not parent.is_dir():
+        return []
+    leftovers = [p for p in parent.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return leftovers
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``; an existing ``final`` is swapped out first, then removed."""
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- training states
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_dist() else 0
+
+
+def latest_state(states_dir: Path) -> Path | None:
+    """The newest complete training state under ``states_dir`` (one with state.json), or None."""
+    states = _complete_steps(states_dir, STATE_FILE)
+    return states[-1][1] if states else None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG streams (CPU, and CUDA when present)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class PendingState:
+    """A training state being written; ``finish`` publishes it (collective on every rank)."""
+
+    tmp_dir: Path
+    final_dir: Path
+    info: dict[str, Any]
+    keep_last: int
+    future: Future[Any] | None = None
+
+    def finish(self) -> Path:
+        """Wait for the write, then (rank 0) add state.json, rename into place, prune old ones.
+
+        Returns:
+            The published state folder.
+        """
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+        _barrier()
+        if _rank() == 0:
+            write_json(self.tmp_dir / STATE_FILE, self.info)
+            _fsync_dir(self.tmp_dir)
+            _replace_dir(self.tmp_dir, self.final_dir)
+            for _, old in _complete_steps(self.final_dir.parent, STATE_FILE)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return self.final_dir
+
+
+def save_state(
+    states_dir: Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    keep_last: int,
+    async_group: dist.ProcessGroup | None = None,
+) -> PendingState:
+    """Start writing a resumable training state; collective, call on every rank.
+
+    Model and optimizer go through DCP (sharded, reshardable); each rank adds its RNG streams in
+    ``rng_rank<r>.pt``; rank 0 writes ``info`` (step, data position, ...) as state.json last.
+
+    Args:
+        states_dir: ``artifacts/<stage>/states``.
+        step: The optimizer step just completed.
+        model: The (FSDP2-sharded) model.
+        optimizer: Its optimizer.
+        info: JSON-able global state (step, tokens seen, parent checkpoint digest, ...).
+        keep_last: How many complete states to keep after this one is published.
+        async_group: When given, stage to CPU and write with ``dcp.async_save`` in a background
+            thread over this (gloo) group, returning at once; else write synchronously.
+
+    Returns:
+        The pending write; call ``finish()`` before the next save and before exiting.
+    """
+    tmp = states_dir / f"{TMP_PREFIX}step-{step}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    pending = PendingState(tmp, step_dir(states_dir, step), info, keep_last)
+    if async_group is not None:
+        fut = dcp_async_save(
+            {"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=async_group
+        )
+        pending.future = fut if isinstance(fut, Future) else fut.upload_completion
+    else:
+        dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    return pending
+
+
+def load_state(
+    state_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load a training state into ``model`` and ``optimizer`` in place; collective.
+
+    Also restores this rank's RNG streams. The world size must equal the saving run's for
+    bit-exact continuation (DCP itself reshards).
+
+    Returns:
+        The state's ``info`` dict (state.json).
+    """
+    info: dict[str, Any] = read_json(state_dir / STATE_FILE)
+    rng_path = state_dir / f"rng_rank{_rank()}.pt"
+    if not rng_path.is_file():
+        raise ArtifactError(
+            f"{rng_path} is missing: the state was saved with another world size; resume with "
+            f"the same number of processes ({info.get('world_size')}) or delete {state_dir.parent}."
+        )
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp_load(state, checkpoint_id=str(state_dir))
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    _restore_rng(torch.load(rng_path, weights_only=True))
+    return info
+
+
+# --------------------------------------------------------------------------- release checkpoints
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors; collective (call on every rank).
+
+    Rank 0 gets the full tensors; other ranks get an empty dict (cpu_offload keeps them on 0).
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=options)
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What meta.json records about a release checkpoint besides its files."""
+
+    stage: str
+    step: int
+    tokens_seen: int
+    samples_seen: int
+    sample_range: tuple[int, int]
+    data_digest: str
+    loss: float | None
+    params_digest: str
+    parent_digest: str | None
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_release_checkpoint(
+    checkpoints_dir: Path,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    save_config: Callable[[Path], None],
+    tokenizer_dir: Path,
+    info: CheckpointInfo,
+) -> CheckpointMeta:
+    """Write ``checkpoints_dir/step-<N>`` as a ``save_pretrained`` folder plus meta.json.
+
+    Built under ``.tmp-step-<N>`` and renamed, so a crash leaves earlier checkpoints intact.
+    Each file's sha256 is computed here, once, and recorded in meta.json.
+
+    Args:
+        checkpoints_dir: ``artifacts/<stage>/checkpoints``.
+        state_dict: Full weights (from `gather_full_state_dict` on rank 0).
+        save_config: Writes config.json and generation_config.json into a folder.
+        tokenizer_dir: The data stage's tokenizer folder; its files are copied in.
+        info: The meta.json fields besides the file list.
+
+    Returns:
+        The meta.json record.
+    """
+    tmp = checkpoints_dir / f"{TMP_PREFIX}step-{info.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_config(tmp)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    _copy_tree(tokenizer_dir, tmp)
+    entries = []
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        rel = path.relative_to(tmp).as_posix()
+        entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_file(path)))
+    meta = CheckpointMeta(
+        stage=info.stage,
+        step=info.step,
+        tokens_seen=info.tokens_seen,
+        samples_seen=info.samples_seen,
+        sample_range=info.sample_range,
+        data_digest=info.data_digest,
+        loss=info.loss,
+        params_digest=info.params_digest,
+        parent_digest=info.parent_digest,
+        files=tuple(entries),
+        checkpoint_digest=sha256_tree({e.path: e.sha256 for e in entries}),
+    )
+    write_json(tmp / META_FILE, meta)
+    _fsync_dir(tmp)
+    _replace_dir(tmp, step_dir(checkpoints_dir, info.step))
+    return meta
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointMeta]:
+    """meta.json of every complete release checkpoint under ``checkpoints_dir``, by step."""
+    return [
+        read_model(p / META_FILE, CheckpointMeta)
+        for _, p in _complete_steps(checkpoints_dir, META_FILE)
+    ]
+
+
+def load_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a release checkpoint's model.safetensors."""
+    path = checkpoint_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; re-run the stage that wrote it.", path=str(path))
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------- stage manifest
+
+
+def stage_dir(project_dir: Path, stage: str) -> Path:
+    """``project_dir/artifacts/<stage>``."""
+    return project_dir / "artifacts" / stage
+
+
+def write_stage_manifest(project_dir: Path, *, stage: str) -> StageManifest:
+    """Write ``artifacts/<stage>/manifest.json`` listing the stage's release checkpoints.
+
+    Reads each checkpoint's meta.json (digests were computed when it was written).
+
+    Raises:
+        ArtifactError: The stage has no complete checkpoint.
+    """
+    root = stage_dir(project_dir, stage)
+    metas = list_checkpoints(root / "checkpoints")
+    if not metas:
+        raise ArtifactError(
+            f"{root}/checkpoints holds no checkpoint; run `openrelease train {stage}`."
+        )
+    final = metas[-1]
+    manifest = StageManifest(
+        stage=stage,
+        final_step=final.step,
+        final_checkpoint=step_dir(root / "checkpoints", final.step)
+        .relative_to(project_dir)
+        .as_posix(),
+        checkpoints=tuple(metas),
+    )
+    write_json(root / "manifest.json", manifest)
+    return manifest
+
+
+def final_checkpoint(project_dir: Path, stage: str) -> tuple[Path, CheckpointMeta]:
+    """The final release checkpoint of ``stage``, found through its stage manifest.
+
+    Raises:
+        ArtifactError: The stage has not run, or its final checkpoint folder is gone.
+    """
+    path = stage_dir(project_dir, stage) / "manifest.json"
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} is missing; run `openrelease train {stage}` (or `dvc repro {stage}`) first.",
+            path=str(path),
+        )
+    manifest = read_model(path, StageManifest)
+    folder = project_dir / manifest.final_checkpoint
+    if not (folder / META_FILE).is_file():
+        raise ArtifactError(
+            f"{folder} listed in {path} is missing; re-run `dvc repro {stage}`.", path=str(folder)
+        )
+    return folder, manifest.checkpoints[-1]

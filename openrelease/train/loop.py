@@ -1,0 +1,417 @@
+"""The one training loop every stage shares: batches, accumulation, AdamW, schedule, checkpoints.
+
+Stages differ only in their `BatchSource` and `Objective` (token cross-entropy by default, GRPO in
+train/grpo_stage.py); resume, signals, logging and the provenance hooks live here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+from openrelease import checkpoint as ckpt
+from openrelease.data.order import global_batch, order_digest, rank_slice
+from openrelease.errors import ArtifactError
+from openrelease.manifest import CheckpointMeta
+from openrelease.model import SpecialTokens, build_model, save_model_config
+from openrelease.params import ComputeParams, ModelParams, TrainStageParams
+from openrelease.train import distributed
+from openrelease.train.objective import IGNORE_INDEX as IGNORE_INDEX  # re-exported
+from openrelease.train.objective import BatchSource as BatchSource  # re-exported
+from openrelease.train.objective import MicroBatch as MicroBatch  # re-exported
+from openrelease.train.objective import Objective, StepOutcome, TokenObjective, all_reduce_sum
+from openrelease.train.progress import ProgressReporter
+
+logger = logging.getLogger(__name__)
+
+
+class Recorder(Protocol):
+    """Where rank 0 records metrics and release checkpoints (`openrelease.tracking`)."""
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        """Record one step's metrics."""
+        ...
+
+    def log_checkpoint(self, meta: CheckpointMeta, *, path: Path) -> None:
+        """Record a release checkpoint written at ``path``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one stage run needs; built by `openrelease.train.run_stage`."""
+
+    stage: str
+    params: TrainStageParams
+    model: ModelParams
+    compute: ComputeParams
+    seed: int
+    project_dir: Path
+    source: BatchSource
+    data_digest: str
+    tokenizer_dir: Path
+    vocab_size: int
+    special: SpecialTokens
+    params_digest: str
+    init_checkpoint: Path | None = None
+    init_digest: str | None = None
+    objective: Objective[Any] | None = None
+    """None: next-token cross-entropy on ``source`` (`TokenObjective`)."""
+    recorder: Recorder | None = None
+    """Receives metrics and checkpoints on rank 0; None records only to files."""
+
+
+class TrainReport(BaseModel):
+    """What a stage run did."""
+
+    model_config = ConfigDict(frozen=True)
+    stage: str
+    start_step: int
+    final_step: int
+    num_steps: int
+    interrupted: bool
+    final_loss: float | None
+    tokens_seen: int
+    world_size: int
+    rank: int
+    """The rank that made this report; only rank 0 should render it."""
+    seconds: float
+    manifest_path: str | None
+
+
+@dataclass
+class _Position:
+    step: int = 0
+    tokens_seen: int = 0
+    parent_digest: str | None = None
+    last_checkpoint_step: int = 0
+    loss: float | None = None
+
+
+def lr_at(step: int, params: TrainStageParams) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then the schedule."""
+    peak, floor = params.lr, params.lr * params.min_lr_ratio
+    if step <= params.warmup_steps:
+        return peak * step / params.warmup_steps
+    if params.schedule == "constant":
+        return peak
+    if params.schedule == "wsd":
+        decay_steps = max(1, math.ceil(params.decay_fraction * params.num_steps))
+        decay_start = max(params.warmup_steps, params.num_steps - decay_steps)
+        if step <= decay_start:
+            return peak
+        frac = (step - decay_start) / (params.num_steps - decay_start)
+        return peak + (floor - peak) * frac
+    frac = (step - params.warmup_steps) / (params.num_steps - params.warmup_steps)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves a state and returns at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        logger.warning("received %s: saving a training state, then stopping", signum)
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _build(
+    job: TrainJob, ctx: distributed.DistContext
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    # Identical init on every rank: fully_shard shards each rank's full local copy.
+    torch.manual_seed(job.seed)
+    model: torch.nn.Module = build_model(job.model, vocab_size=job.vocab_size, special=job.special)
+    if job.init_checkpoint is not None:
+        weights = ckpt.load_weights(job.init_checkpoint)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"{job.init_checkpoint} does not fit the model params ({str(exc)[:200]}); "
+                "re-run the earlier stage with the same model section."
+            ) from None
+    model = distributed.shard_model(model, ctx, job.compute)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=lr_at(1, job.params),
+        betas=job.params.betas,
+        weight_decay=job.params.weight_decay,
+        fused=ctx.device.type == "cuda",
+    )
+    return model, optimizer
+
+
+_IDENTITY = ("params_digest", "data_digest", "init_digest")
+
+
+def _identity(job: TrainJob) -> dict[str, str | None]:
+    """What a training state must share with this job to be resumed."""
+    return {
+        "params_digest": job.params_digest,
+        "data_digest": job.data_digest,
+        "init_digest": job.init_digest,
+    }
+
+
+def _resume(
+    job: TrainJob,
+    ctx: distributed.DistContext,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> _Position:
+    root = ckpt.stage_dir(job.project_dir, job.stage)
+    if ctx.is_main:
+        ckpt.remove_partial(root / "states")
+        ckpt.remove_partial(root / "checkpoints")
+    dist.barrier()
+    state_dir = ckpt.latest_state(root / "states")
+    if state_dir is not None:
+        saved = json.loads((state_dir / ckpt.STATE_FILE).read_text())
+        if {k: saved.get(k) for k in _IDENTITY} != _identity(job):
+            logger.warning(
+                "%s was written with other params, data or initial weights; starting afresh",
+                state_dir,
+            )
+            state_dir = None
+    if state_dir is None:
+        if ctx.is_main:
+            for name in ("states", "checkpoints", "manifest.json", "metrics.jsonl"):
+                path = root / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        dist.barrier()
+        torch.manual_seed(job.seed + 1000 + ctx.rank)
+        return _Position(parent_digest=job.init_digest)
+    info = ckpt.load_state(state_dir, model=model, optimizer=optimizer)
+    if info["world_size"] != ctx.world_size or info["num_threads"] != job.compute.num_threads:
+        logger.warning("resuming with another world size or thread count: not bit-exact")
+    if ctx.is_main:
+        _truncate_after(root, info["step"])
+    dist.barrier()
+    logger.info("resumed %s from %s", job.stage, state_dir)
+    return _Position(
+        step=info["step"],
+        tokens_seen=info["tokens_seen"],
+        parent_digest=info["parent_digest"],
+        last_checkpoint_step=info["last_checkpoint_step"],
+        loss=info["loss"],
+    )
+
+
+def _truncate_after(root: Path, step: int) -> None:
+    """Drop checkpoints and metric lines past ``step``: the resumed run rewrites them."""
+    for meta in ckpt.list_checkpoints(root / "checkpoints"):
+        if meta.step > step:
+            shutil.rmtree(ckpt.step_dir(root / "checkpoints", meta.step))
+    metrics = root / "metrics.jsonl"
+    if metrics.is_file():
+        keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        metrics.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _data_digest(job: TrainJob, first: int, last: int) -> str:
+    indices: list[int] = []
+    for step in range(first, last + 1):
+        indices += global_batch(
+            seed=job.seed,
+            data_digest=job.data_digest,
+            stage=job.stage,
+            step=step,
+            num_samples=job.source.num_samples,
+            global_batch_size=job.params.global_batch_size,
+        )
+    return order_digest(indices)
+
+
+def _release(
+    job: TrainJob, ctx: distributed.DistContext, model: torch.nn.Module, pos: _Position
+) -> None:
+    """Write the consolidated HF checkpoint of ``pos.step`` (gather on all, write on rank 0)."""
+    state_dict = ckpt.gather_full_state_dict(model)
+    config: Any = getattr(model, "config")  # noqa: B009 - set by transformers, untyped
+    gbs = job.params.global_batch_size
+    if ctx.is_main:
+        meta = ckpt.write_release_checkpoint(
+            ckpt.stage_dir(job.project_dir, job.stage) / "checkpoints",
+            state_dict=state_dict,
+            save_config=lambda folder: save_model_config(config, folder),
+            tokenizer_dir=job.tokenizer_dir,
+            info=ckpt.CheckpointInfo(
+                stage=job.stage,
+                step=pos.step,
+                tokens_seen=pos.tokens_seen,
+                samples_seen=pos.step * gbs,
+                sample_range=(pos.last_checkpoint_step * gbs, pos.step * gbs),
+                data_digest=_data_digest(job, pos.last_checkpoint_step + 1, pos.step),
+                loss=pos.loss,
+                params_digest=job.params_digest,
+                parent_digest=pos.parent_digest,
+            ),
+        )
+        logger.info("checkpoint step %d: %s", pos.step, meta.checkpoint_digest[:19])
+        if job.recorder is not None:
+            folder = ckpt.step_dir(
+                ckpt.stage_dir(job.project_dir, job.stage) / "checkpoints", pos.step
+            )
+            job.recorder.log_checkpoint(meta, path=folder)
+    digest = [meta.checkpoint_digest if ctx.is_main else None]
+    dist.broadcast_object_list(digest, src=0)
+    pos.parent_digest, pos.last_checkpoint_step = digest[0], pos.step
+
+
+def _save_state(
+    job: TrainJob,
+    ctx: distributed.DistContext,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    pos: _Position,
+) -> ckpt.PendingState:
+    info = {
+        "stage": job.stage,
+        "step": pos.step,
+        "tokens_seen": pos.tokens_seen,
+        "parent_digest": pos.parent_digest,
+        "last_checkpoint_step": pos.last_checkpoint_step,
+        "loss": pos.loss,
+        **_identity(job),
+        "world_size": ctx.world_size,
+        "num_threads": job.compute.num_threads,
+    }
+    return ckpt.save_state(
+        ckpt.stage_dir(job.project_dir, job.stage) / "states",
+        step=pos.step,
+        model=model,
+        optimizer=optimizer,
+        info=info,
+        keep_last=job.params.keep_last_states,
+        async_group=ctx.checkpoint_group,
+    )
+
+
+def run_training(job: TrainJob, ctx: distributed.DistContext) -> TrainReport:
+    """Run (or resume) one stage to ``job.params.num_steps``; collective on every rank.
+
+    Returns:
+        The report; ``interrupted`` is true when SIGTERM/SIGINT stopped it after a state save.
+    """
+    p = job.params
+    distributed.check_world(p, name=job.stage, world_size=ctx.world_size)
+    objective: Objective[Any] = job.objective or TokenObjective()
+    model, optimizer = _build(job, ctx)
+    objective.start(job, ctx)
+    pos = _resume(job, ctx, model, optimizer)
+    start, started = pos.step, time.monotonic()
+    root = ckpt.stage_dir(job.project_dir, job.stage)
+    if ctx.is_main and job.recorder is not None:
+        # A resumed run's record must still list the checkpoints written before the stop.
+        for meta in ckpt.list_checkpoints(root / "checkpoints"):
+            job.recorder.log_checkpoint(meta, path=ckpt.step_dir(root / "checkpoints", meta.step))
+    state_every = p.state_every or p.checkpoint_every
+    pending: ckpt.PendingState | None = None
+    interrupted = False
+    reporter = ProgressReporter(job.stage, total=p.num_steps, start=start, enabled=ctx.is_main)
+    with _StopFlag().installed() as stop, reporter:
+        while pos.step < p.num_steps:
+            step = pos.step + 1
+            batch = global_batch(
+                seed=job.seed,
+                data_digest=job.data_digest,
+                stage=job.stage,
+                step=step,
+                num_samples=job.source.num_samples,
+                global_batch_size=p.global_batch_size,
+            )
+            mine = rank_slice(batch, rank=ctx.rank, world_size=ctx.world_size)
+            prepared = objective.prepare(mine, job=job, step=step)
+            (stops,) = all_reduce_sum([float(stop.requested)], ctx)
+            if stops:
+                interrupted = True
+                break
+            t0 = time.monotonic()
+            lr = lr_at(step, p)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = objective.update(
+                prepared, job=job, ctx=ctx, model=model, optimizer=optimizer, step=step
+            )
+            pos.step, pos.loss = step, out.loss
+            pos.tokens_seen += out.tokens
+            tps = out.tokens / max(time.monotonic() - t0, 1e-9)
+            if ctx.is_main:
+                _log_metrics(job, step, pos, lr=lr, tps=tps, outcome=out)
+            reporter.update(step, loss=pos.loss, tokens_per_s=tps)
+            last = step == p.num_steps
+            if step % p.checkpoint_every == 0 or last:
+                _release(job, ctx, model, pos)
+            if step % state_every == 0 or last:
+                if pending is not None:
+                    pending.finish()
+                pending = _save_state(job, ctx, model, optimizer, pos)
+        if pending is not None:
+            pending.finish()
+    if interrupted and ckpt.latest_state(root / "states") != ckpt.step_dir(
+        root / "states", pos.step
+    ):
+        _save_state(job, ctx, model, optimizer, pos).finish()
+    manifest_path = None
+    if not interrupted:
+        if ctx.is_main:
+            ckpt.write_stage_manifest(job.project_dir, stage=job.stage)
+        manifest_path = str(root / "manifest.json")
+    dist.barrier()
+    return TrainReport(
+        stage=job.stage,
+        start_step=start,
+        final_step=pos.step,
+        num_steps=p.num_steps,
+        interrupted=interrupted,
+        final_loss=pos.loss,
+        tokens_seen=pos.tokens_seen,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
+        seconds=round(time.monotonic() - started, 3),
+        manifest_path=manifest_path,
+    )
+
+
+def _log_metrics(
+    job: TrainJob, step: int, pos: _Position, *, lr: float, tps: float, outcome: StepOutcome
+) -> None:
+    row: dict[str, float] = {
+        "loss": outcome.loss,
+        "lr": lr,
+        "grad_norm": outcome.grad_norm,
+        "tokens": pos.tokens_seen,
+        "tokens_per_s": round(tps, 1),
+        **outcome.metrics,
+    }
+    root = ckpt.stage_dir(job.project_dir, job.stage)
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+    if job.recorder is not None:
+        job.recorder.log_metrics(row, step=step)
