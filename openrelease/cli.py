@@ -220,6 +220,16 @@ def summary(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -
     for s in report.stages:
         table.add_row(s.stage, "done" if s.done else "-", s.path, s.summary)
     out.print(table)
+    if report.final_metrics:
+        keys = sorted({k for m in report.final_metrics.values() for k in m if k != "step"})
+        metrics = Table("stage", "step", *keys, title="eval (final checkpoint of each stage)")
+        for stage, m in report.final_metrics.items():
+            cells = [f"{m[k]:.4g}" if k in m else "-" for k in keys]
+            metrics.add_row(stage, str(int(m.get("step", 0))), *cells)
+        out.print(metrics)
+    for plot in report.plots:
+        out.print(f"plot: {plot}", highlight=False)
+    out.print(f"MLflow UI: mlflow ui --backend-store-uri {report.tracking_uri}", highlight=False)
 
 
 # --------------------------------------------------------------------------- tracking, lineage
@@ -406,6 +416,58 @@ def plot_cmd(
         raise typer.Exit(1)
     for path in paths:
         out.print(f"plot: {path}", highlight=False)
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+@app.command("bundle")
+@handles_errors
+def bundle_cmd(
+    project_dir: Annotated[
+        Path, typer.Argument(help="The workspace: holds params.yaml and artifacts/.")
+    ] = Path("."),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Release folder to write (replaced atomically).")
+    ] = Path("release"),
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Assemble the release folder from the record: MOF 1.0 evidence plus MANIFEST.json."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from openrelease.bundle import build_bundle
+    from openrelease.bundle_files import BundleProgress
+
+    pipeline = load_params(project_dir / params if not params.is_absolute() else params)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    bar = Progress(
+        *columns,
+        TextColumn("{task.fields[files]}"),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    with bar:
+        task = bar.add_task("bundling", total=None, files="")
+
+        def progress(p: BundleProgress) -> None:
+            files = f"{p.files_done}/{p.num_files} files" if p.phase == "write" else ""
+            what = "hashing training states" if p.phase == "hash" else "writing"
+            bar.update(
+                task, description=what, completed=p.bytes_done, total=p.num_bytes, files=files
+            )
+
+        report = build_bundle(project_dir, out_dir, params=pipeline, progress=progress)
+    if as_json:
+        _print_json(report)
+        return
+    out.print(
+        f"bundle: {report.num_files} files, {report.num_bytes / 1e6:.1f} MB "
+        f"({report.num_linked} hard-linked, {report.bytes_hashed / 1e6:.1f} MB hashed), "
+        f"{len(report.components)}/17 MOF components -> {report.out_dir}",
+        highlight=False,
+    )
 
 
 # --------------------------------------------------------------------------- verify, audit, publish

@@ -1,0 +1,494 @@
+"""Assemble a release folder from a workspace's record: MOF 1.0 evidence plus MANIFEST.json.
+
+Reads artifacts/ through the manifest.py schemas (no torch); builds in a hidden sibling folder
+and renames it over ``out_dir``, so a failed build leaves no half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+import openrelease
+from openrelease.bundle_files import (
+    FilePlan,
+    ProgressFn,
+    check_dirs,
+    materialize,
+    swap_in,
+)
+from openrelease.cards import (
+    COMPONENTS,
+    ReleaseRecord,
+    component_licenses,
+    model_card,
+    read_release_record,
+    research_paper,
+    technical_report,
+)
+from openrelease.datacard import (
+    croissant_card,
+    data_description,
+    data_order,
+    release_data_files,
+)
+from openrelease.digest import sha256_tree
+from openrelease.errors import ArtifactError, ParamsError
+from openrelease.manifest import (
+    BundleManifest,
+    CheckpointMeta,
+    FileEntry,
+    read_model,
+    write_json,
+)
+from openrelease.mof import is_open_license, mof_release_yaml
+from openrelease.params import (
+    STAGES,
+    LicenseParams,
+    PipelineParams,
+    TrainStageParams,
+    load_params,
+)
+from openrelease.sbom import BomDataset, BomModel, journal_dir, ml_bom, release_source
+
+logger = logging.getLogger(__name__)
+
+_SPDX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")
+_PAPER_SUFFIXES = (".md", ".pdf", ".tex", ".html")
+
+
+class BundleReport(BaseModel):
+    """What `build_bundle` wrote."""
+
+    model_config = ConfigDict(frozen=True)
+    out_dir: str
+    name: str
+    created: str
+    """From the record, so rebuilding from the same record gives the same MANIFEST.json."""
+    stages: tuple[str, ...]
+    num_files: int
+    num_bytes: int
+    num_linked: int
+    """Files hard-linked from the workspace instead of copied."""
+    bytes_hashed: int
+    """Bytes read to compute a digest; checkpoint and data files reuse their recorded sha256."""
+    bundle_digest: str
+    components: tuple[str, ...]
+    """MOF components the bundle carries evidence for (as listed in mof.yaml)."""
+    warnings: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- model, checkpoints
+
+
+def _section(params: PipelineParams, stage: str) -> TrainStageParams:
+    assert stage in STAGES, f"unknown stage {stage}"
+    return params.stage(stage)
+
+
+def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """checkpoints/<stage>/step-N/ for every checkpoint; model/ is the last one's files."""
+    for stage, manifest in rec.stages.items():
+        fix = f"re-run `dvc repro {stage}`"
+        for meta in manifest.checkpoints:
+            folder = project_dir / "artifacts" / stage / "checkpoints" / f"step-{meta.step}"
+            meta_path = folder / "meta.json"
+            if not meta_path.is_file():
+                raise ArtifactError(f"{meta_path} is missing; {fix}.", path=str(meta_path))
+            if read_model(meta_path, CheckpointMeta) != meta:
+                raise ArtifactError(
+                    f"{meta_path} disagrees with artifacts/{stage}/manifest.json; {fix}."
+                )
+            dest = f"checkpoints/{stage}/step-{meta.step}"
+            plan.add_file(f"{dest}/meta.json", meta_path, fix=fix)
+            for f in meta.files:
+                plan.add_file(
+                    f"{dest}/{f.path}",
+                    folder / f.path,
+                    entry=f,
+                    recorded_in=meta_path,
+                    immutable=True,
+                    fix=fix,
+                )
+    final_stage = rec.final_stage
+    final = rec.stages[final_stage].checkpoints[-1]
+    for f in final.files:
+        plan.files[f"model/{f.path}"] = plan.files[
+            f"checkpoints/{final_stage}/step-{final.step}/{f.path}"
+        ]
+
+
+def _plan_states(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """states/<stage>/step-N/: the resumable training states the retention policy names."""
+    retention = rec.params.release.retention
+    for stage, manifest in rec.stages.items():
+        section = _section(rec.params, stage)
+        every = (section.state_every or section.checkpoint_every) * retention.state_every_k
+        steps = set(range(every, manifest.final_step + 1, every)) if every else set()
+        steps |= {manifest.final_step} if retention.keep_last else set()
+        for step in sorted(steps):
+            folder = project_dir / "artifacts" / stage / "states" / f"step-{step}"
+            if not (folder / "state.json").is_file():
+                raise ArtifactError(
+                    f"artifacts/{stage}/states/step-{step} is missing but release.retention "
+                    f"names it; raise {stage}.keep_last_states and re-run `dvc repro {stage}`, "
+                    "or change release.retention.",
+                    path=str(folder),
+                )
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                rel = path.relative_to(folder).as_posix()
+                plan.add_file(f"states/{stage}/step-{step}/{rel}", path, immutable=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _plan_data(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """data/: the data (or pointers), per-file sha256, the Croissant card and the data order."""
+    params, data = rec.params, rec.data
+    data_dir = project_dir / params.data.out_dir
+    manifest_path = data_dir / "manifest.json"
+    org, name = params.release.organization, params.release.name
+    repo_url = f"https://huggingface.co/datasets/{org}/{name}-data"
+    fix = "re-run `dvc repro data`"
+    files = release_data_files(
+        data, data_dir, include_data=params.release.include_data, repo_url=repo_url
+    )
+    for file in (f for f in files if f.url is None):
+        entry = FileEntry(path=file.path, size=file.size, sha256=file.sha256)
+        src = data_dir / file.path
+        plan.add_file(
+            f"data/{file.path}",
+            src,
+            entry=entry,
+            recorded_in=manifest_path,
+            immutable=True,
+            fix=fix,
+        )
+    pointers = [
+        {"path": f.path, "sha256": f.sha256, "size": f.size, "url": f.url} for f in files if f.url
+    ]
+    for f in data.tokenizer_files:
+        plan.add_file(f"data/{f.path}", data_dir / f.path, entry=f, recorded_in=manifest_path)
+    plan.add_file("data/manifest.json", manifest_path, fix=fix)
+    plan.add_file("data/tokenizer_probe.json", data_dir / "tokenizer_probe.json", fix=fix)
+    if pointers:
+        plan.add_json("data/pointers.json", {"schema_version": 1, "files": pointers})
+    card = croissant_card(
+        name=f"{name}-data",
+        description=data_description(data),
+        organization=org,
+        license_id=params.release.licenses.data,
+        url=repo_url,
+        date=rec.created[:10],
+        files=files,
+    )
+    plan.add_json("data/croissant.json", card)
+    order = data_order(
+        data,
+        seed=params.seed,
+        checkpoints={s: m.checkpoints for s, m in rec.stages.items()},
+        batch_sizes={s: _section(params, s).global_batch_size for s in rec.stages},
+    )
+    plan.add_json("data/order.json", order)
+
+
+# --------------------------------------------------------------------------- evals, logs, configs
+
+
+def _plan_evals(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """evals/: the result of every checkpoint, sample outputs, plots, DVC metrics."""
+    eval_dir = project_dir / "artifacts" / "eval"
+    for r in rec.results:
+        rel = f"results/{r.stage}/step-{r.step}.json"
+        plan.add_file(f"evals/{rel}", eval_dir / rel)
+    for stage in rec.stages:
+        samples = eval_dir / "samples" / f"{stage}.jsonl"
+        if samples.is_file() and samples.stat().st_size:
+            plan.add_file(f"evals/samples/{stage}.jsonl", samples)
+    extras = [eval_dir / "metrics.json", eval_dir / "curve.csv"]
+    extras += sorted((eval_dir / "plots").glob("*")) if (eval_dir / "plots").is_dir() else []
+    for path in extras:
+        if path.is_file() and not path.name.startswith("."):
+            plan.add_file(f"evals/{path.relative_to(eval_dir).as_posix()}", path)
+
+
+def _plan_logs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """logs/: per-stage metrics, record.json, and the MLflow journal each record points at."""
+    for stage in rec.stages:
+        metrics = project_dir / "artifacts" / stage / "metrics.jsonl"
+        if metrics.is_file():
+            plan.add_file(f"logs/{stage}/metrics.jsonl", metrics)
+        else:
+            plan.warn(f"artifacts/{stage}/metrics.jsonl is missing; logs/{stage} has no metrics")
+    data_dir = project_dir / rec.params.data.out_dir
+    for stage, record in rec.records.items():
+        folder = data_dir if stage == "data" else project_dir / "artifacts" / stage
+        plan.add_file(f"logs/{stage}/record.json", folder / "record.json")
+        journal = journal_dir(project_dir, record.run_key)
+        for name in ("journal.jsonl", "ids.json", "params.resolved.json"):
+            if (journal / name).is_file():
+                plan.add_file(f"logs/mlflow/{journal.name}/{name}", journal / name)
+    missing = [s for s in rec.stages if s not in rec.records]
+    if missing:
+        plan.warn(f"no record.json for {', '.join(missing)}: logs/ lacks their MLflow runs")
+
+
+def _plan_configs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """configs/: params.yaml, dvc.yaml, dvc.lock and the resolved params of each stage."""
+    params = rec.params
+    params_path = project_dir / "params.yaml"
+    if params_path.is_file() and load_params(params_path) == params:
+        plan.add_file("configs/params.yaml", params_path)  # keeps the comments
+    else:
+        dumped = yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+        plan.add_text("configs/params.yaml", dumped)
+    for name in ("dvc.yaml", "dvc.lock"):
+        if (project_dir / name).is_file():
+            plan.add_file(f"configs/{name}", project_dir / name)
+    dumped_params = params.model_dump(mode="json")
+    resolved = {"data": {k: dumped_params[k] for k in ("seed", "data")}}
+    for stage in rec.stages:
+        record = rec.records.get(stage)
+        sections = ("seed", "compute", "model", stage)
+        resolved[stage] = record.params if record else {k: dumped_params[k] for k in sections}
+    for stage, body in resolved.items():
+        plan.add_json(f"configs/resolved/{stage}.json", body)
+
+
+# --------------------------------------------------------------------------- code
+
+
+def _plan_code(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> str:
+    """code/: the recorded source, SOURCE.json and requirements.txt; returns the requirements."""
+    tree = release_source(project_dir, rec.records)
+    for rel, item in tree.files.items():
+        if isinstance(item, bytes):
+            plan.add_bytes(f"code/{rel}", item)
+        else:
+            plan.add_file(f"code/{rel}", item)
+    plan.add_text("code/requirements.txt", tree.requirements)
+    plan.add_json("code/SOURCE.json", tree.source)
+    for warning in tree.warnings:
+        plan.warn(warning)
+    return tree.requirements
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _check_licenses(lic: LicenseParams) -> None:
+    for kind in ("code", "data", "documentation", "weights"):
+        value: str = getattr(lic, kind)
+        if not _SPDX_ID.fullmatch(value):
+            raise ParamsError(f"release.licenses.{kind}: {value!r} is not an SPDX license id.")
+        if not lic.allow_nonopen and not is_open_license(value):
+            raise ParamsError(
+                f"release.licenses.{kind}: {value!r} is not a license MOF counts as open "
+                "(OSI, FSF-libre or open-data; exact SPDX id); use e.g. Apache-2.0 or "
+                "CC-BY-4.0, or set release.licenses.allow_nonopen: true to release under it."
+            )
+
+
+def _license_ids(lic: LicenseParams) -> list[str]:
+    return sorted({lic.code, lic.data, lic.documentation, lic.weights})
+
+
+def _license_text(project_dir: Path, license_id: str) -> bytes:
+    local = project_dir / "LICENSES" / f"{license_id}.txt"
+    if local.is_file():
+        return local.read_bytes()
+    packaged = resources.files("openrelease").joinpath("license_texts", f"{license_id}.txt")
+    if packaged.is_file():
+        return packaged.read_bytes()
+    raise ParamsError(
+        f"release.licenses: openrelease ships no text of {license_id!r}; "
+        f"put it at LICENSES/{license_id}.txt in the project."
+    )
+
+
+def _plan_docs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> str:
+    """README.md, docs/ and LICENSES/; returns the research paper's bundle path."""
+    lic = rec.params.release.licenses
+    _check_licenses(lic)
+    for license_id in _license_ids(lic):
+        plan.add_bytes(f"LICENSES/{license_id}.txt", _license_text(project_dir, license_id))
+    plan.add_text("README.md", model_card(rec))
+    plan.add_text("docs/technical_report.md", technical_report(rec))
+    paper = rec.params.release.paper
+    if paper is None or "://" in paper:
+        text = research_paper(rec)
+        if paper is not None:
+            text = text.replace("\n\n", f"\n\nThe published paper: <{paper}>\n\n", 1)
+        plan.add_text("docs/research_paper.md", text)
+        return "docs/research_paper.md"
+    path = project_dir / paper
+    if not path.is_file() or path.suffix.lower() not in _PAPER_SUFFIXES:
+        raise ParamsError(
+            f"release.paper: {paper!r} is not a .md, .pdf, .tex or .html file in the project; "
+            "fix the path, or remove the key to generate one from the record."
+        )
+    rel = f"docs/research_paper{path.suffix.lower()}"
+    plan.add_file(rel, path)
+    return rel
+
+
+def _plan_sbom(plan: FilePlan, rec: ReleaseRecord, requirements: str) -> None:
+    """sbom/bom.cdx.json: the final model, its dataset, the recorded environment."""
+    params = rec.params
+    org, name = params.release.organization, params.release.name
+    final = rec.stages[rec.final_stage].checkpoints[-1]
+    weights = next(f for f in final.files if f.path.endswith(".safetensors"))
+    metrics = rec.final_results().get(rec.final_stage)
+    model = BomModel(
+        name=name,
+        version=rec.version,
+        organization=org,
+        license_id=params.release.licenses.weights,
+        weights_sha256=weights.sha256,
+        architecture=f"{params.model.arch.capitalize()}ForCausalLM",
+        family=params.model.arch,
+        metrics=metrics.metrics if metrics is not None else {},
+        properties={
+            "openrelease:checkpoint_digest": final.checkpoint_digest,
+            "openrelease:stages": rec.stage_chain(),
+            "openrelease:tokens_seen": str(final.tokens_seen),
+        },
+    )
+    dataset = BomDataset(
+        name=f"{name}-data",
+        description=data_description(rec.data),
+        license_id=params.release.licenses.data,
+        url=f"https://huggingface.co/datasets/{org}/{name}-data",
+        digest=rec.data.data_digest,
+    )
+    bom = ml_bom(
+        model=model,
+        datasets=[dataset],
+        requirements=requirements,
+        created=rec.created,
+        tool_version=openrelease.__version__,
+    )
+    plan.add_json("sbom/bom.cdx.json", bom)
+
+
+def _plan_mof(plan: FilePlan, rec: ReleaseRecord, paper_path: str) -> None:
+    """mof.yaml, listing every component whose evidence is in the plan."""
+    lic = rec.params.release.licenses
+    where = {name: path for name, (_, path) in COMPONENTS.items()}
+    where["Research paper"] = paper_path
+    paths = {name: path for name, path in where.items() if plan.has(path)}
+    if missing := sorted(set(where) - set(paths)):
+        plan.warn(f"no evidence for MOF components {missing}")
+    licenses = component_licenses(rec.params)
+    fine_tuned = any(s != "pretrain" for s in rec.stages)
+    text = mof_release_yaml(
+        name=rec.params.release.name,
+        version=rec.version,
+        producer=rec.params.release.organization,
+        components={name: licenses[name] for name in paths},
+        licenses={
+            "distribution": lic.weights,
+            "code": lic.code,
+            "data": lic.data,
+            "document": lic.documentation,
+        },
+        paths=paths,
+        license_paths={i: f"LICENSES/{i}.txt" for i in _license_ids(lic)},
+        release_fields={
+            "date": rec.created[:10],
+            "treatment": "chat fine-tuned" if fine_tuned else "pre-trained",
+            "huggingface": f"https://huggingface.co/{rec.params.release.organization}/"
+            f"{rec.params.release.name}",
+        },
+    )
+    plan.add_text("mof.yaml", text)
+    plan.components = tuple(paths)
+
+
+def _plan(project_dir: Path, rec: ReleaseRecord) -> FilePlan:
+    plan = FilePlan()
+    if not_run := [s for s in STAGES if s not in rec.stages]:
+        plan.warn(f"bundling {rec.stage_chain()}; {', '.join(not_run)} have not run")
+    _plan_checkpoints(plan, project_dir, rec)
+    _plan_states(plan, project_dir, rec)
+    _plan_data(plan, project_dir, rec)
+    _plan_evals(plan, project_dir, rec)
+    _plan_logs(plan, project_dir, rec)
+    _plan_configs(plan, project_dir, rec)
+    requirements = _plan_code(plan, project_dir, rec)
+    paper_path = _plan_docs(plan, project_dir, rec)
+    _plan_sbom(plan, rec, requirements)
+    plan.files["model/tokenizer_probe.json"] = plan.files["data/tokenizer_probe.json"]
+    _plan_mof(plan, rec, paper_path)  # last: it lists the evidence the plan holds
+    return plan
+
+
+def build_bundle(
+    project_dir: Path,
+    out_dir: Path,
+    *,
+    params: PipelineParams,
+    progress: ProgressFn | None = None,
+    link: bool = True,
+) -> BundleReport:
+    """Assemble the release folder ``out_dir`` from the workspace ``project_dir``.
+
+    Args:
+        project_dir: The workspace (holds params.yaml and artifacts/).
+        out_dir: The release folder; replaced atomically when the build succeeds.
+        params: The pipeline params (the ``release`` section decides names and licenses).
+        progress: Called as large unrecorded files are hashed (phase ``hash``) and after each
+            file is written (phase ``write``), with files and bytes done.
+        link: Hard-link large immutable workspace files (weights, shards, states) where the
+            filesystem allows; False copies everything.
+
+    Returns:
+        What was written, with the bytes hashed and the MOF components evidenced.
+
+    Raises:
+        ArtifactError: An input is missing or disagrees with its record; the message names
+            the `dvc repro` stage that makes it.
+        ParamsError: ``out_dir`` is unsafe to replace, or a license is unknown or not open.
+        ProvenanceError: The recorded commit is gone, or a secret would be released.
+    """
+    check_dirs(project_dir, out_dir)
+    rec = read_release_record(project_dir, params)
+    plan = _plan(project_dir, rec)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:
+        tmp_dir.mkdir(parents=True)
+        entries, stats = materialize(plan, tmp_dir, link=link, progress=progress)
+        digest = sha256_tree({e.path: e.sha256 for e in entries})
+        manifest = BundleManifest(
+            name=params.release.name,
+            created=rec.created,
+            files=tuple(entries),
+            bundle_digest=digest,
+        )
+        write_json(tmp_dir / "MANIFEST.json", manifest)
+        swap_in(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return BundleReport(
+        out_dir=str(out_dir),
+        name=params.release.name,
+        created=rec.created,
+        stages=tuple(rec.stages),
+        num_files=len(entries),
+        num_bytes=sum(e.size for e in entries),
+        num_linked=stats.linked,
+        bytes_hashed=stats.hashed,
+        bundle_digest=digest,
+        components=plan.components,
+        warnings=tuple(plan.warnings),
+    )

@@ -1,0 +1,455 @@
+"""Documents generated from the record: model card, technical report, research paper.
+
+Every number comes from record.json, the manifests and the eval results; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from openrelease.errors import ArtifactError
+from openrelease.manifest import DataManifest, EvalResult, StageManifest, StageRecord, read_model
+from openrelease.params import STAGES, PipelineParams
+
+EVAL_RESULTS = "artifacts/eval/results"
+
+HF_LICENSES = {
+    "Apache-2.0": "apache-2.0",
+    "MIT": "mit",
+    "BSD-3-Clause": "bsd-3-clause",
+    "BSD-2-Clause": "bsd-2-clause",
+    "CC-BY-4.0": "cc-by-4.0",
+    "CC-BY-SA-4.0": "cc-by-sa-4.0",
+    "CC0-1.0": "cc0-1.0",
+    "CDLA-Permissive-2.0": "cdla-permissive-2.0",
+    "CDLA-Permissive-1.0": "cdla-permissive-1.0",
+    "CDLA-Sharing-1.0": "cdla-sharing-1.0",
+    "ODC-By-1.0": "odc-by",
+    "ODbL-1.0": "odbl",
+    "PDDL-1.0": "pddl",
+    "MPL-2.0": "mpl-2.0",
+    "GPL-3.0-only": "gpl-3.0",
+    "LGPL-3.0-only": "lgpl-3.0",
+    "AGPL-3.0-only": "agpl-3.0",
+}
+
+# MOT component name -> (content type, bundle path): the evidence each component points at.
+# The research paper's path is docs/research_paper<suffix> when params name a paper file.
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "Model architecture": ("code", "code/openrelease/model.py"),
+    "Data preprocessing code": ("code", "code/openrelease/data"),
+    "Training code": ("code", "code/openrelease/train"),
+    "Inference code": ("code", "code/openrelease/evaluation.py"),
+    "Evaluation code": ("code", "code/openrelease/evaluation.py"),
+    "Supporting libraries and tools": ("code", "sbom/bom.cdx.json"),
+    "Model parameters (Final)": ("data", "model"),
+    "Model parameters (Intermediate)": ("data", "checkpoints"),
+    "Datasets": ("data", "data"),
+    "Evaluation data": ("data", "data/eval_problems.jsonl"),
+    "Model metadata": ("data", "configs"),
+    "Sample model outputs": ("document", "evals/samples"),
+    "Model card": ("document", "README.md"),
+    "Data card": ("document", "data/croissant.json"),
+    "Technical report": ("document", "docs/technical_report.md"),
+    "Research paper": ("document", "docs/research_paper.md"),
+    "Evaluation results": ("document", "evals/results"),
+}
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """Everything the documents are generated from."""
+
+    params: PipelineParams
+    data: DataManifest
+    stages: dict[str, StageManifest]
+    records: dict[str, StageRecord]
+    results: list[EvalResult]
+    version: str
+    created: str
+
+    @property
+    def final_stage(self) -> str:
+        """The last stage that ran: its final checkpoint is the released model."""
+        return list(self.stages)[-1]
+
+    def stage_chain(self) -> str:
+        """The stages that ran, e.g. ``pretrain -> sft``."""
+        return " -> ".join(self.stages)
+
+    def final_results(self) -> dict[str, EvalResult]:
+        """The eval result of each stage's final checkpoint, in pipeline order."""
+        order: dict[str, int] = {stage: i for i, stage in enumerate(STAGES)}
+        out: dict[str, EvalResult] = {}
+        for r in sorted(self.results, key=lambda r: (order.get(r.stage, len(order)), r.step)):
+            out[r.stage] = r
+        return out
+
+    def num_params(self) -> int:
+        """Parameter count from the model params (embeddings included)."""
+        m = self.params.model
+        head_dim = m.hidden_size // m.num_heads
+        attn = m.hidden_size * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+        mlp = 3 * m.hidden_size * m.intermediate_size
+        layers = m.num_layers * (attn + mlp + 2 * m.hidden_size)
+        embed = self.data.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+        return layers + embed + m.hidden_size
+
+
+def _read_stages(project_dir: Path) -> dict[str, StageManifest]:
+    """The stage manifests that exist, which must be a prefix of the pipeline's stages."""
+    found: dict[str, StageManifest] = {
+        stage: read_model(path, StageManifest)
+        for stage in STAGES
+        if (path := project_dir / "artifacts" / stage / "manifest.json").is_file()
+    }
+    expected = list(STAGES[: max(len(found), 1)])
+    for stage in expected:
+        if stage not in found:
+            later = " but later stages ran" if found else ""
+            raise ArtifactError(
+                f"artifacts/{stage}/manifest.json is missing{later}; run `dvc repro {stage}`."
+            )
+    return found
+
+
+def _read_results(project_dir: Path, stages: dict[str, StageManifest]) -> list[EvalResult]:
+    """The eval result of every checkpoint, each checked against the checkpoint it names."""
+    base = project_dir / EVAL_RESULTS
+    if not base.is_dir() or not any(base.rglob("*.json")):
+        raise ArtifactError(f"no eval results in {EVAL_RESULTS}; run `dvc repro eval`.")
+    results = []
+    for stage, manifest in stages.items():
+        for meta in manifest.checkpoints:
+            rel = f"{EVAL_RESULTS}/{stage}/step-{meta.step}.json"
+            if not (project_dir / rel).is_file():
+                raise ArtifactError(f"{rel} is missing; run `dvc repro eval`.", path=rel)
+            result = read_model(project_dir / rel, EvalResult)
+            if result.checkpoint_digest != meta.checkpoint_digest:
+                raise ArtifactError(
+                    f"{rel} evaluates checkpoint {result.checkpoint_digest[:19]}, not the "
+                    f"current {meta.checkpoint_digest[:19]}; run `dvc repro eval`.",
+                    path=rel,
+                )
+            results.append(result)
+    return results
+
+
+def _read_records(project_dir: Path, data_dir: Path, stages: list[str]) -> dict[str, StageRecord]:
+    """record.json of the data stage and of each released stage, where they exist."""
+    paths = {"data": data_dir / "record.json"}
+    paths |= {s: project_dir / "artifacts" / s / "record.json" for s in stages}
+    return {k: read_model(p, StageRecord) for k, p in paths.items() if p.is_file()}
+
+
+def _created(
+    project_dir: Path, stages: dict[str, StageManifest], records: dict[str, StageRecord]
+) -> str:
+    """When the record was finished: the last stage's finish time (its manifest's, unrecorded)."""
+    times = [r.finished or r.started for r in records.values()]
+    for stage in stages:
+        if stage not in records:
+            mtime = (project_dir / "artifacts" / stage / "manifest.json").stat().st_mtime
+            times.append(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)))
+    return max(times)
+
+
+def read_release_record(project_dir: Path, params: PipelineParams) -> ReleaseRecord:
+    """Read and cross-check everything a release is made from.
+
+    Raises:
+        ArtifactError: A stage's output, the data manifest or an eval result is missing or
+            stale; the message names the `dvc repro` stage that makes it.
+    """
+    data_dir = project_dir / params.data.out_dir
+    if not (data_dir / "manifest.json").is_file():
+        raise ArtifactError(
+            f"{params.data.out_dir}/manifest.json is missing; run `dvc repro data`.",
+            path=f"{params.data.out_dir}/manifest.json",
+        )
+    data = read_model(data_dir / "manifest.json", DataManifest)
+    stages = _read_stages(project_dir)
+    records = _read_records(project_dir, data_dir, list(stages))
+    rec = ReleaseRecord(
+        params=params,
+        data=data,
+        stages=stages,
+        records=records,
+        results=_read_results(project_dir, stages),
+        version="",
+        created=_created(project_dir, stages, records),
+    )
+    return dataclasses.replace(rec, version=release_version(rec.num_params()))
+
+
+def component_licenses(params: PipelineParams) -> dict[str, str]:
+    """SPDX license per MOT component from the ``release.licenses`` section."""
+    lic = params.release.licenses
+    by_type = {"code": lic.code, "data": lic.data, "document": lic.documentation}
+    out = {name: by_type[kind] for name, (kind, _) in COMPONENTS.items()}
+    for name in ("Model parameters (Final)", "Model parameters (Intermediate)", "Model metadata"):
+        out[name] = lic.weights
+    return out
+
+
+_STAGE_PHRASES = {
+    "pretrain": "pretraining",
+    "sft": "supervised instruction tuning",
+    "distill": "chain-of-thought distillation",
+    "grpo": "GRPO reinforcement learning with verifiable rewards",
+}
+
+
+def _stage_phrases(stages: list[str]) -> str:
+    phrases = [_STAGE_PHRASES.get(s, s) for s in stages]
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def release_version(num_params: int) -> str:
+    """A MOT-style size label: ``124M``, ``6.7B``, ``33K``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if num_params >= scale:
+            return f"{num_params / scale:.3g}{unit}"
+    return str(num_params)
+
+
+def _hf_license(spdx: str) -> dict[str, str]:
+    if spdx in HF_LICENSES:
+        return {"license": HF_LICENSES[spdx]}
+    return {
+        "license": "other",
+        "license_name": spdx.lower(),
+        "license_link": f"LICENSES/{spdx}.txt",
+    }
+
+
+def model_card(rec: ReleaseRecord) -> str:
+    """README.md with Hugging Face YAML metadata (license, datasets, tags, model-index)."""
+    name, org = rec.params.release.name, rec.params.release.organization
+    final = rec.final_results()
+    last = final.get(rec.final_stage)
+    metrics = (
+        [
+            {"type": k, "name": k.replace("_", " "), "value": round(v, 6)}
+            for k, v in sorted(last.metrics.items())
+        ]
+        if last
+        else []
+    )
+    first = next(iter(rec.stages.values())).checkpoints[0]
+    meta: dict[str, Any] = {
+        **_hf_license(rec.params.release.licenses.weights),
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "datasets": [f"{org}/{name}-data"],
+        "language": ["en"],
+        "tags": ["openrelease", "fully-open", "mof", *rec.stages],
+        "model-index": [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "text-generation", "name": "Text generation"},
+                        "dataset": {"name": f"{name} held-out eval", "type": f"{org}/{name}-data"},
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A fully-open {rec.num_params() / 1e6:.2f}M-parameter {rec.params.model.arch} causal "
+        f"language model trained from scratch by openrelease in {len(rec.stages)} stage(s) "
+        f"({rec.stage_chain()}). Weights, every intermediate checkpoint, "
+        "data, data order, code, configs, logs and evaluations are in this release.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'tok = AutoTokenizer.from_pretrained("{org}/{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{org}/{name}")',
+        'msgs = [{"role": "user", "content": "What is 12 + 30?"}]',
+        'ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")',
+        "print(tok.decode(model.generate(ids, max_new_tokens=48)[0]))",
+        "```",
+        "",
+        "Intermediate checkpoints are branches named `<stage>-step<N>` "
+        f'(`from_pretrained("{org}/{name}", revision="{first.stage}-step{first.step}")`).',
+        "",
+        "## Training stages",
+        "",
+        "| stage | initialised from | steps | tokens seen | final loss | checkpoints |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    previous = "random init (seed)"
+    for stage, manifest in rec.stages.items():
+        c = manifest.checkpoints[-1]
+        loss = f"{c.loss:.4f}" if c.loss is not None else "-"
+        lines.append(
+            f"| {stage} | {previous} | {c.step} | {c.tokens_seen:,} | {loss} | "
+            f"{len(manifest.checkpoints)} |"
+        )
+        previous = f"{stage} step {c.step}"
+    lines += [
+        "",
+        "## Evaluation",
+        "",
+        _results_table(final),
+        "",
+        "## Intended use and limitations",
+        "",
+        "A research artefact for studying training dynamics and reproducibility; it is far "
+        "too small for real tasks and its synthetic corpus covers only simple stories and "
+        "arithmetic. Do not use it for decisions about people.",
+        "",
+        "## Openness",
+        "",
+        "See `mof.yaml` (Model Openness Framework 1.0 description) and "
+        "run `openrelease audit` on this folder or repo to score it from evidence; "
+        "`openrelease verify` checks every file against `MANIFEST.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _results_table(final: dict[str, EvalResult]) -> str:
+    keys = sorted({k for r in final.values() for k in r.metrics})
+    if not keys:
+        return "No evaluation results."
+    rows = [
+        "| stage | step | " + " | ".join(keys) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for stage, r in final.items():
+        vals = " | ".join(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for k in keys)
+        rows.append(f"| {stage} | {r.step} | {vals} |")
+    return "\n".join(rows)
+
+
+def technical_report(rec: ReleaseRecord) -> str:
+    """How the model was made, from the record: architecture, data, each stage, compute, results."""
+    p, d = rec.params, rec.data
+    lines = [
+        f"# Technical report: {p.release.name}",
+        "",
+        f"Generated by openrelease from the run record on {rec.created}.",
+        "",
+        "## Architecture",
+        "",
+        "```yaml",
+        yaml.safe_dump(p.model.model_dump(mode="json"), sort_keys=False).rstrip(),
+        "```",
+        "",
+        f"Parameters: {rec.num_params():,}. Vocabulary: {d.vocab_size} (byte-level BPE, "
+        f"tokenizer digest {d.tokenizer_sha256}).",
+        "",
+        "## Data",
+        "",
+        f"{d.num_pretrain_tokens:,} pretraining tokens in {d.num_pretrain_seqs:,} packed "
+        f"sequences of {d.seq_len}; data digest `{d.data_digest}`.",
+        "",
+        "| dataset | records | sha256 |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {k} | {v.num_records} | `{v.sha256}` |" for k, v in sorted(d.datasets.items())]
+    lines += ["", "Sources:", ""]
+    lines += [f"- {s.name} ({s.kind}): {s.num_records} records, `{s.sha256}`" for s in d.sources]
+    lines += ["", "## Stages", ""]
+    for stage in rec.stages:
+        record = rec.records.get(stage)
+        lines += [
+            f"### {stage}",
+            "",
+            "```yaml",
+            yaml.safe_dump(
+                p.stage(stage).model_dump(mode="json"),  # type: ignore[arg-type]
+                sort_keys=False,
+            ).rstrip(),
+            "```",
+            "",
+        ]
+        if record is not None:
+            env = record.environment
+            lines += [
+                f"Run `{record.run_id or 'not synced'}`, seed {record.seed}, commit "
+                f"`{record.git.commit or 'unknown'}` (dirty: {record.git.dirty}); "
+                f"world size {env.get('world_size', '?')}, {env.get('num_threads', '?')} "
+                f"threads per process, torch {env.get('torch', '?')} on "
+                f"{env.get('gpu', env.get('machine', '?'))}; {record.started} to "
+                f"{record.finished}.",
+                "",
+            ]
+    lines += [
+        "## Results",
+        "",
+        _results_table(rec.final_results()),
+        "",
+        "Curves: `evals/plots/`. Per-checkpoint results: `evals/results/`.",
+        "",
+        "## How to reproduce",
+        "",
+        "```bash",
+        "pip install -r code/requirements.txt   # the recorded environment",
+        "pip install -e code                    # openrelease at the recorded source",
+        "cp configs/params.yaml configs/dvc.yaml . && dvc repro",
+        "openrelease verify .                   # check every file of this release",
+        "```",
+        "",
+        "`code/SOURCE.json` names the commit the source comes from; `data/order.json` gives "
+        "the samples each checkpoint consumed, and `states/` holds resumable training states.",
+        "",
+        "Same hardware class, world size and thread count give bitwise-identical "
+        "checkpoints (deterministic mode); elsewhere expect small numerical drift.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def research_paper(rec: ReleaseRecord) -> str:
+    """A paper-shaped write-up generated from the record (used when params name no paper)."""
+    final = rec.final_results()
+    last = final.get(rec.final_stage)
+    result = ", ".join(f"{k} {v:.3g}" for k, v in sorted(last.metrics.items())) if last else "n/a"
+    return "\n".join(
+        [
+            f"# {rec.params.release.name}: a fully reproducible "
+            f"{len(rec.stages)}-stage training run",
+            "",
+            "*Generated by openrelease from the run record; every number is traceable to "
+            "MANIFEST.json.*",
+            "",
+            "## Abstract",
+            "",
+            f"We train a {rec.num_params() / 1e6:.2f}M-parameter decoder-only transformer from "
+            f"scratch with {_stage_phrases(list(rec.stages))}, and release every artefact needed "
+            f"to reproduce it bit for bit. The final model reaches {result} on held-out problems.",
+            "",
+            "## Method",
+            "",
+            "Data order is a pure function of (seed, data digest, stage, step); "
+            "training uses FSDP2 with deterministic kernels, and every checkpoint records the "
+            "digest of the samples it consumed and of its parent checkpoint.",
+            "",
+            "## Results",
+            "",
+            _results_table(final),
+            "",
+            "## Reproducibility",
+            "",
+            "See docs/technical_report.md for hyperparameters, compute and the exact commands.",
+            "",
+        ]
+    )
