@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from openrelease.manifest import DataManifest, StageManifest, read_model
+from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
 from openrelease.params import STAGES, PipelineParams
+from openrelease.tracking import tracking_uri
 
 
 class StageStatus(BaseModel):
@@ -21,11 +23,17 @@ class StageStatus(BaseModel):
 
 
 class WorkspaceReport(BaseModel):
-    """Every pipeline stage of a workspace, in pipeline order."""
+    """Every pipeline stage of a workspace, in pipeline order, and where to look next."""
 
     model_config = ConfigDict(frozen=True)
     project_dir: str
     stages: tuple[StageStatus, ...]
+    final_metrics: dict[str, dict[str, float]]
+    """Eval metrics of each stage's final checkpoint (artifacts/eval/metrics.json)."""
+    plots: tuple[str, ...]
+    """PNG plots written by the eval stage."""
+    tracking_uri: str
+    """Where the MLflow record is; open it with ``mlflow ui --backend-store-uri <uri>``."""
 
 
 def _data_status(project_dir: Path, params: PipelineParams) -> StageStatus:
@@ -61,8 +69,52 @@ def _train_status(project_dir: Path, stage: str) -> StageStatus:
     )
 
 
+def _eval_status(project_dir: Path) -> tuple[StageStatus, dict[str, dict[str, float]]]:
+    rel = "artifacts/eval"
+    path = project_dir / rel / "metrics.json"
+    if not path.is_file():
+        return StageStatus(stage="eval", done=False, path=rel, summary="not run"), {}
+    metrics: dict[str, dict[str, float]] = json.loads(path.read_text(encoding="utf-8"))
+    num = sum(1 for _ in (project_dir / rel / "results").rglob("step-*.json"))
+    summary = f"{num} checkpoints evaluated; final metrics of {len(metrics)} stages"
+    return StageStatus(stage="eval", done=True, path=rel, summary=summary), metrics
+
+
+def _bundle_status(project_dir: Path) -> StageStatus:
+    path = project_dir / "release" / "MANIFEST.json"
+    if not path.is_file():
+        return StageStatus(stage="bundle", done=False, path="release", summary="not run")
+    m = read_model(path, BundleManifest)
+    size = sum(f.size for f in m.files)
+    return StageStatus(
+        stage="bundle",
+        done=True,
+        path="release",
+        summary=f"{len(m.files)} files, {size / 1e6:.1f} MB; {m.bundle_digest[:19]}",
+    )
+
+
+def _audit_status(project_dir: Path) -> StageStatus:
+    path = project_dir / "audit.json"
+    if not path.is_file():
+        return StageStatus(stage="audit", done=False, path="audit.json", summary="not run")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    names = {1: "Class I", 2: "Class II", 3: "Class III"}
+    label = names.get(report.get("mof_class"), "unclassified")
+    return StageStatus(stage="audit", done=True, path="audit.json", summary=f"MOF {label}")
+
+
 def describe_workspace(project_dir: Path, params: PipelineParams) -> WorkspaceReport:
     """Report which stages of the pipeline have outputs in ``project_dir``."""
     stages = [_data_status(project_dir, params)]
     stages += [_train_status(project_dir, stage) for stage in STAGES]
-    return WorkspaceReport(project_dir=str(project_dir), stages=tuple(stages))
+    eval_status, metrics = _eval_status(project_dir)
+    stages += [eval_status, _bundle_status(project_dir), _audit_status(project_dir)]
+    plots = sorted(p.as_posix() for p in (project_dir / "artifacts/eval/plots").glob("*.png"))
+    return WorkspaceReport(
+        project_dir=str(project_dir),
+        stages=tuple(stages),
+        final_metrics=metrics,
+        plots=tuple(plots),
+        tracking_uri=tracking_uri(project_dir),
+    )

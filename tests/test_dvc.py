@@ -1,6 +1,8 @@
 """Real DVC on a temp git repo holding a copy of this project."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,3 +60,28 @@ def test_dvc_repro_data_then_noop(repo: Path) -> None:
     params.write_text(params.read_text().replace("num_stories: 400", "num_stories: 410"))
     third = _run([dvc, "repro", "data"], repo)
     assert "Running stage 'data'" in third.stdout
+
+
+def _ran(stdout: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", stdout))
+
+
+def test_dvc_repro_whole_pipeline_then_only_what_changed(repo: Path) -> None:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    first = _run([dvc, "repro"], repo)
+    stages = ["data", "pretrain", "sft", "distill", "grpo", "eval", "bundle", "audit"]
+    assert _ran(first.stdout) == set(stages)
+    audit = json.loads((repo / "audit.json").read_text())
+    assert audit["mof_class"] == 1 and audit["verified"]["mof_class"] == 1
+    assert (repo / "release/MANIFEST.json").is_file()
+    metrics = json.loads((repo / "artifacts/eval/metrics.json").read_text())
+    assert set(metrics) == {"pretrain", "sft", "distill", "grpo"}
+
+    assert _ran(_run([dvc, "repro"], repo).stdout) == set()
+
+    # A pretrain change reruns pretrain and what depends on it up to the stage asked for.
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("lr: 3.0e-3", "lr: 2.0e-3", 1))
+    assert _ran(_run([dvc, "repro", "sft"], repo).stdout) == {"pretrain", "sft"}
+    status = _run([dvc, "status"], repo).stdout
+    assert "distill:" in status and "data:" not in status
