@@ -128,8 +128,17 @@ def generate(
                 **kwargs,
             )
         new = out[:, batch["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        outputs += [_response_text(tokenizer, row.tolist()) for row in new]
     return outputs
+
+
+def _response_text(tokenizer: Any, ids: list[int]) -> str:
+    """Decode a response up to its first eos, keeping <think> tags (they are special tokens)."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    ids = [i for i in ids if i != tokenizer.pad_token_id]
+    text: str = tokenizer.decode(ids, skip_special_tokens=False)
+    return text
 
 
 def _generative_metrics(
@@ -152,7 +161,9 @@ def _generative_metrics(
 
 def _load(checkpoint_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the eval command draws its own progress bar
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     model.eval()  # type: ignore[no-untyped-call]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, padding_side="left")

@@ -127,3 +127,18 @@ def test_user_jsonl_task_without_code(project: Path, tiny_params: PipelineParams
     )
     summary = run_eval_stage(params, project_dir=project)
     assert set(summary.results[0].metrics) == {"capitals_exact_match", "capitals_format_rate"}
+
+
+def test_response_text_keeps_think_tags_and_stops_at_eos(data_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from openrelease.data.tasks import has_reasoning_format
+    from openrelease.evaluation import _response_text
+
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    ids = tok.encode("<think>2 + 2 = 4.</think> The answer is 4.", add_special_tokens=False)
+    ids += [tok.eos_token_id, *tok.encode("junk after eos", add_special_tokens=False)]
+    ids += [tok.pad_token_id] * 3
+    text = _response_text(tok, ids)
+    assert text.startswith("<think>") and "junk" not in text
+    assert has_reasoning_format(text)
