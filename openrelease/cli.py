@@ -345,13 +345,15 @@ def launch_cmd(
 
     from openrelease.train.launch import launch_command
 
-    argv = launch_command(load_params(params).compute, stage=stage, params_path=str(params))
+    compute = load_params(params).compute
+    argv = launch_command(compute, stage=stage, params_path=str(params))
     if argv[0] == "python":  # the interpreter this CLI runs in, so a venv need not be on PATH
         argv[0] = sys.executable
     elif argv[0] == "torchrun":
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
     err.print(f"$ {' '.join(argv)}", highlight=False)
-    code = subprocess.call(argv)
+    env = {"OMP_NUM_THREADS": str(compute.num_threads), **os.environ}  # the trainer sets threads
+    code = subprocess.call(argv, env=env)
     if code != 0:
         raise typer.Exit(code)
 

@@ -24,7 +24,7 @@ class ProgressReporter:
 
     def __init__(self, stage: str, *, total: int, start: int, enabled: bool) -> None:
         self.stage, self.total, self.start, self.enabled = stage, total, start, enabled
-        self.log_every = max(1, total // 100)
+        self.log_every = max(1, total // 20)  # plain log lines (no TTY): about 20 per stage
         self._progress: Progress | None = None
         self._task: TaskID | None = None
 
