@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, ValidationError, computed_field
 
 from openrelease.digest import PREFIX
 from openrelease.errors import ArtifactError, OpenReleaseError
 from openrelease.evidence import (
+    MAX_JSON_BYTES,
     MAX_TEXT_BYTES,
     FileStat,
     LicenseStatement,
@@ -31,6 +31,7 @@ from openrelease.evidence import (
     read_card,
     walk_folder,
 )
+from openrelease.manifest import BundleManifest
 from openrelease.mof import (
     UNLICENSED,
     Component,
@@ -46,6 +47,7 @@ from openrelease.mof import (
 )
 from openrelease.untrusted import read_capped
 from openrelease.verify import Problem
+from openrelease.verify_hub import DATA, HUB_ERRORS, describe_hub_error, hub_locations
 
 ROMAN = {1: "I", 2: "II", 3: "III"}
 _HUB_READABLE = re.compile(
@@ -145,12 +147,12 @@ class AuditReport(BaseModel):
 
 def _read_mof(rel: ReleaseFiles) -> MotDocument | None:
     path = next((p for p in ("mof.yaml", "mof.yml") if p in rel.files), None)
-    text = rel.text(path) if path else None
-    if path is None or text is None:
+    if path is None:
         return None
     try:
-        return parse_mot_yaml(text, source=path)
-    except OpenReleaseError as exc:
+        text = rel.text(path)
+        return parse_mot_yaml(text, source=path) if text is not None else None
+    except OpenReleaseError as exc:  # oversized, unreadable, bad YAML or off-schema
         rel.add("mof_yaml", path, str(exc))
         return None
 
@@ -300,14 +302,58 @@ def audit_mot_yaml(path: Path) -> AuditReport:
     )
 
 
-def _hub_files(api: HfApi, repo_id: str, revision: str | None) -> dict[str, FileStat]:
+def _hub_files(
+    api: HfApi, repo_id: str, revision: str | None, *, repo_type: str = "model"
+) -> dict[str, FileStat]:
     return {
         item.path: FileStat(
             item.size, PREFIX + item.lfs.sha256 if item.lfs else None, item.lfs is not None
         )
-        for item in api.list_repo_tree(repo_id, recursive=True, revision=revision)
+        for item in api.list_repo_tree(
+            repo_id, recursive=True, revision=revision, repo_type=repo_type
+        )
         if isinstance(item, RepoFile)
     }
+
+
+Where = tuple[str, str, str]
+"""(repo type, revision, path in repo) of a bundle file that `publish` moved."""
+
+
+def _published_paths(
+    api: HfApi,
+    repo_id: str,
+    files: dict[str, FileStat],
+    manifest_bytes: bytes,
+) -> dict[str, tuple[Where, FileStat]]:
+    """Bundle path -> where `publish` put it, for release files not at their bundle path.
+
+    ``model/*`` is at the root of main and ``data/*`` in ``<repo>-data``; checkpoint branches
+    are evidence by themselves (`verify hf:` checks their files).
+    """
+    try:
+        manifest = BundleManifest.model_validate_json(manifest_bytes)
+    except ValidationError:
+        return {}  # check_manifest reports it
+    data: dict[str, FileStat] = {}
+    if any(e.path.startswith("data/") and e.path not in files for e in manifest.files):
+        try:
+            data = _hub_files(api, f"{repo_id}-{DATA}", None, repo_type="dataset")
+        except HUB_ERRORS:
+            data = {}
+    out: dict[str, tuple[Where, FileStat]] = {}
+    for e in manifest.files:
+        if e.path in files:
+            continue
+        for where, path in hub_locations(e.path, main="main"):
+            if where == DATA and path in data:
+                out[e.path] = (("dataset", "main", path), data[path])
+            elif where == "main" and path in files:
+                out[e.path] = (("model", "main", path), files[path])
+            else:
+                continue
+            break
+    return out
 
 
 def audit_hub_repo(
@@ -340,6 +386,7 @@ def audit_hub_repo(
         with tempfile.TemporaryDirectory(prefix="openrelease-audit-") as tmp:
             sha = api.model_info(repo_id, revision=revision).sha or revision
             files = _hub_files(api, repo_id, sha)
+            moved: dict[str, Where] = {}
 
             def readable(path: str) -> bool:
                 stat = files[path]
@@ -347,18 +394,26 @@ def audit_hub_repo(
                 return small and _HUB_READABLE.fullmatch(path) is not None
 
             def read(path: str, max_bytes: int) -> bytes:
-                local = api.hf_hub_download(repo_id, path, revision=sha, local_dir=tmp)
+                repo_type, rev, in_repo = moved.get(path, ("model", sha or "main", path))
+                repo = repo_id if repo_type == "model" else f"{repo_id}-{DATA}"
+                local = api.hf_hub_download(
+                    repo, in_repo, revision=rev, repo_type=repo_type, local_dir=tmp
+                )
                 return read_capped(Path(local), max_bytes=max_bytes)
 
             branches = tuple(b.name for b in api.list_repo_refs(repo_id).branches)
+            if "MANIFEST.json" in files and not files["MANIFEST.json"].lfs:
+                published = _published_paths(
+                    api, repo_id, files, read("MANIFEST.json", MAX_JSON_BYTES)
+                )
+                moved = {path: where for path, (where, _) in published.items()}
+                files.update({path: stat for path, (_, stat) in published.items()})
             rel = ReleaseFiles(target, "hub", read, readable, files=files, branches=branches)
             check_manifest(rel, root=None, check_hashes=False)
             return _audit(rel, name=repo_id.rsplit("/", 1)[-1])
-    except HfHubHTTPError as exc:
-        raise ArtifactError(
-            f"{target} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "check the repo id, revision, endpoint and token."
-        ) from None
+    except HUB_ERRORS as exc:
+        what, hint = describe_hub_error(exc)
+        raise ArtifactError(f"{target} cannot be read ({what}); {hint}.") from None
 
 
 def audit(

@@ -105,10 +105,11 @@ def root(
     ] = False,
 ) -> None:
     """Reproducible, verifiable, MOF-scored open LLM releases."""
-    level = logging.DEBUG if _debug() else logging.INFO
+    # Libraries (httpx, huggingface_hub, mlflow) log at WARNING; openrelease's progress at INFO.
     logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("openrelease").setLevel(logging.DEBUG if _debug() else logging.INFO)
 
 
 # --------------------------------------------------------------------------- params
@@ -260,9 +261,9 @@ def tracking_sync(as_json: JsonOpt = False) -> None:
 @handles_errors
 def tracking_ui() -> None:
     """Print the command that opens the MLflow UI on this project's record."""
-    from openrelease.tracking import tracking_uri
+    from openrelease.tracking import redact, tracking_uri
 
-    out.print(f"mlflow ui --backend-store-uri {tracking_uri(Path.cwd())}", highlight=False)
+    out.print(f"mlflow ui --backend-store-uri {redact(tracking_uri(Path.cwd()))}", highlight=False)
 
 
 @app.command("lineage")

@@ -196,7 +196,9 @@ def check_manifest(rel: ReleaseFiles, *, root: Path | None, check_hashes: bool) 
     sizes: dict[str, int] = {}
     for e in manifest.files:
         stat = rel.files.get(e.path)
-        if stat is None:
+        if reason := unsafe_path_reason(e.path):
+            rel.add("unsafe_path", printable_name(e.path)[:200], f"MANIFEST.json path {reason}.")
+        elif stat is None:
             rel.bad[e.path] = "is missing" if root is not None else ""
         elif stat.size != e.size or stat.sha256 not in (None, e.sha256):
             rel.bad[e.path] = f"is {stat.size} bytes ({stat.sha256 or 'no sha256'})"
@@ -241,7 +243,11 @@ def _check_file(rel: ReleaseFiles, path: str) -> str | None:
 
 def read_card(rel: ReleaseFiles) -> dict[str, Any]:
     """The model card's YAML front matter ({} when absent); a broken one marks README.md."""
-    text = rel.text("README.md") or ""
+    try:
+        text = rel.text("README.md") or ""
+    except ArtifactError as exc:  # oversized or unreadable: the card is broken, not the audit
+        rel.checked["README.md"] = str(exc)
+        return {}
     match = re.match(r"---\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.DOTALL)
     if match is None:
         return {}

@@ -7,10 +7,17 @@ YAML path, the bad value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from openrelease.errors import ParamsError
 
@@ -23,6 +30,22 @@ class Params(BaseModel):
     """Strict, immutable, self-documenting base for everything read from params.yaml."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def _inside_project(path: str) -> str:
+    """A path relative to the project root that cannot climb out of it (no ``/x``, no ``..``)."""
+    parts = path.replace("\\", "/").split("/")
+    if not path.strip() or "\x00" in path:
+        raise ValueError("must be a non-empty path without NUL bytes")
+    if path.startswith(("/", "\\", "~")) or (len(path) > 1 and path[1] == ":"):
+        raise ValueError("must be relative to the project root, not absolute")
+    if ".." in parts:
+        raise ValueError("must stay inside the project (no '..')")
+    return path
+
+
+ProjectPath = Annotated[str, AfterValidator(_inside_project)]
+"""A file or folder path relative to the project root, kept inside the project."""
 
 
 # --------------------------------------------------------------------------- data
@@ -53,8 +76,8 @@ class ImportParams(Params):
     format: DataFormat
     """File format: jsonl, text (one document per blank-line-separated block), parquet, or a
     local Hugging Face ``datasets`` folder written by ``save_to_disk``."""
-    path: str
-    """Path to the file or folder, relative to the project root."""
+    path: ProjectPath
+    """Path to the file or folder, relative to the project root (inside the project)."""
     role: DataRole
     """Which stage's dataset the records join."""
     text_field: str = "text"
@@ -76,8 +99,8 @@ class DataParams(Params):
     """Packed sequences per shard file."""
     eval_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     """Share of documents and problems held out for evaluation (never trained on)."""
-    out_dir: str = "artifacts/data"
-    """Where the data stage writes its outputs."""
+    out_dir: ProjectPath = "artifacts/data"
+    """Where the data stage writes its outputs, relative to the project root."""
 
 
 # --------------------------------------------------------------------------- model
@@ -447,6 +470,11 @@ def parse_yaml(text: str, *, source: str) -> Any:
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ParamsError(f"{where}: invalid YAML ({problem}); fix the syntax.") from None
+    except RecursionError:
+        raise ParamsError(f"{source}: YAML nested too deeply to read.") from None
+    except ValueError as exc:  # a scalar the resolver typed but cannot build: 2025-13-45, 10**5000
+        problem = str(exc).splitlines()[0].split(";")[0][:120]
+        raise ParamsError(f"{source}: invalid YAML value ({problem}); quote it.") from None
 
 
 def _describe_error(err: Any, errors: list[Any]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,11 +16,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-import httpx2
 import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import GitRefs, RepoFile
+from huggingface_hub.utils.tqdm import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from openrelease import __version__
@@ -29,6 +34,7 @@ from openrelease.errors import PublishError
 from openrelease.manifest import BundleManifest, CheckpointMeta, read_model
 from openrelease.untrusted import unsafe_path_reason
 from openrelease.verify import load_bundle_manifest, verify_bundle
+from openrelease.verify_hub import HUB_ERRORS, describe_hub_error
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +48,13 @@ _SECRETS = (
     ("a private key", re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")),
     ("an AWS access key id", re.compile(rb"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
     ("an AWS secret key", re.compile(rb"(?i)aws_secret_access_key\s*[=:]\s*\S{20,}")),
+    ("a GitHub token", re.compile(rb"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,})")),
 )
+_SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|PRIVATE|CREDENTIAL|AUTH(?!OR)", re.I)
 _SCAN_CHUNK, _SCAN_OVERLAP, _MAX_HEADER = 1 << 20, 4096, 100 << 20
 _HINTS = {
-    401: "the token is missing or invalid; set HF_TOKEN or run `hf auth login`",
     403: "the token cannot write to this namespace; use a token with write access",
     404: "the repo or revision does not exist or is not visible with this token",
-    429: "the Hub is rate-limiting; wait and re-run (publishing resumes where it stopped)",
 }
 
 
@@ -140,15 +146,37 @@ class _Target:
 # --------------------------------------------------------------------------- checks
 
 
-def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
-    """Refuse a bundle holding secret-like content (HF tokens, private keys, AWS keys).
+def _env_secrets() -> list[tuple[str, re.Pattern[bytes]]]:
+    """The values of secret-named environment variables that look like keys (HF_TOKEN, ...).
 
-    Safetensors files are scanned in their JSON header only (tensor bytes cannot hold text
-    metadata); every other file is scanned whole.
+    A value counts when it is 16+ characters of letters and digits with no space or ``@`` and
+    is not a path, so ``GIT_AUTHOR_EMAIL`` or ``SSH_AUTH_SOCK`` never block a release.
+    """
+    found = []
+    for name, value in sorted(os.environ.items()):
+        looks_random = (
+            len(value) >= 16
+            and not re.search(r"[\s@]", value)
+            and not value.startswith(("/", "~", "."))
+            and re.search(r"[A-Za-z]", value) is not None
+            and re.search(r"[0-9]", value) is not None
+        )
+        if looks_random and _SECRET_ENV.search(name):
+            found.append((f"the value of ${name}", re.compile(re.escape(value.encode()))))
+    return found
+
+
+def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
+    """Refuse a bundle holding secret-like content.
+
+    That is: HF, GitHub and AWS keys, private keys, and the value of any secret-named
+    environment variable (``HF_TOKEN``, ``MY_API_KEY``, ...). Safetensors files are scanned in
+    their JSON header only (tensor bytes cannot hold text metadata); other files whole.
 
     Raises:
         PublishError: Naming the first file with secret-like content (never the secret).
     """
+    patterns = [*_SECRETS, *_env_secrets()]
     for rel in paths:
         path = bundle_dir / rel
         with path.open("rb") as f:
@@ -160,7 +188,7 @@ def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
             tail = b""
             for chunk in chunks:
                 window, tail = tail + chunk, (tail + chunk)[-_SCAN_OVERLAP:]
-                for what, pattern in _SECRETS:
+                for what, pattern in patterns:
                     if pattern.search(window):
                         raise PublishError(
                             f"{rel} contains what looks like {what}; remove it, rebuild the "
@@ -288,21 +316,30 @@ def _hub_errors(what: str, *, token: str | None) -> Iterator[None]:
     """Turn Hub and transport errors into one-line PublishErrors without the token."""
 
     def clean(text: str) -> str:
-        text = " ".join(text.split())
         return text.replace(token, "***") if token else text
 
     try:
         yield
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code
-        hint = _HINTS.get(status, "the Hub failed; re-run later (publishing resumes)")
-        detail = clean(exc.server_message or str(exc).splitlines()[0])[:200]
-        raise PublishError(f"Hub refused {what} (HTTP {status}: {detail}); {hint}.") from None
-    except httpx2.TransportError as exc:
-        raise PublishError(
-            f"cannot reach the Hub for {what} ({clean(str(exc))[:200]}); check --endpoint / "
-            "HF_ENDPOINT and the network."
-        ) from None
+    except HUB_ERRORS as exc:
+        detail, hint = describe_hub_error(exc)
+        status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
+        hint = _HINTS.get(status or 0, hint)
+        if status is None or status == 429 or status >= 500:
+            hint += " (a re-run resumes where publishing stopped)"
+        verb = "Hub refused" if status is not None else "cannot reach the Hub for"
+        raise PublishError(f"{verb} {what} ({clean(detail)}); {clean(hint)}.") from None
+
+
+@contextmanager
+def _quiet_hub_progress() -> Iterator[None]:
+    """Silence huggingface_hub's per-file bars: the CLI draws one byte bar for the publish."""
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _refs(api: HfApi, repo_id: str, repo_type: RepoType) -> GitRefs | None:
@@ -521,7 +558,7 @@ def publish_bundle(
     _check_tag(before, targets, tag)
     after = before
     if not dry_run:
-        with _hub_errors(f"publishing to {repo_id}", token=token):
+        with _hub_errors(f"publishing to {repo_id}", token=token), _quiet_hub_progress():
             _create_refs(api, targets, before, private=private)
             _push(api, targets, before, tag=tag, progress=progress)
             after = _Remote.read(api, targets)

@@ -26,6 +26,7 @@ from openrelease.manifest import (
     GitInfo,
     InputRecord,
     StageRecord,
+    dump_json,
     write_json,
     write_text_atomic,
 )
@@ -40,6 +41,11 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|PRIVATE|CREDENTIAL|AUTH"
 _SECRET_VALUE = re.compile(
     r"hf_[A-Za-z0-9]{20,}|-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{30,}"
 )
+_URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]+@")
+"""The password of ``scheme://user:password@host`` (e.g. in MLFLOW_TRACKING_URI)."""
+OFFLINE_RETRY_S, OFFLINE_RETRY_MAX_S = 30.0, 600.0
+"""While MLflow is unreachable, retry after 30 s, doubling up to 10 min: a locked SQLite store
+blocks each attempt for MLflow's 20 s busy timeout, and training must not wait on it."""
 _ENV_KEPT = (
     "CUDA_VISIBLE_DEVICES",
     "OMP_NUM_THREADS",
@@ -53,8 +59,9 @@ _ENV_KEPT = (
 
 
 def redact(text: str) -> str:
-    """Replace secret-looking substrings (HF/GitHub tokens, AWS keys, private keys)."""
+    """Replace secret-looking substrings (tokens, keys, URL passwords, secret env values)."""
     text = _SECRET_VALUE.sub("[REDACTED]", text)
+    text = _URL_PASSWORD.sub(r"\1[REDACTED]@", text)
     for name, value in os.environ.items():
         if _SECRET_NAME.search(name) and len(value) >= 8:
             text = text.replace(value, "[REDACTED]")
@@ -182,6 +189,7 @@ class StageTracker:
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._offline_until = 0.0
+        self._retry_s = OFFLINE_RETRY_S
         self._started_ms = now_ms()
         self._world_size, self._num_threads = world_size, num_threads
         self._inputs: tuple[InputRecord, ...] = ()
@@ -207,7 +215,7 @@ class StageTracker:
         freeze_path = self.journal.journal_dir / "pip-freeze.txt"
         write_text_atomic(freeze_path, pip_freeze())
         params_path = self.journal.journal_dir / "params.resolved.json"
-        write_json(params_path, self.params.model_dump(mode="json"))
+        write_text_atomic(params_path, redact(dump_json(self.params.model_dump(mode="json"))))
         stage_params = self._stage_params()
         tags = {
             "openrelease.stage": self.stage,
@@ -315,10 +323,14 @@ class StageTracker:
                     "metrics": [["checkpoint_loss", meta.loss, now_ms(), meta.step]],
                 }
             )
-        self.flush(force=True)
+        self.flush()
 
     def flush(self, *, force: bool = False) -> None:
-        """Journal pending operations, write record.json, and try to reach MLflow."""
+        """Journal pending operations, write record.json, and try to reach MLflow.
+
+        After a failed attempt MLflow is only tried again once the back-off has passed, unless
+        ``force`` (the start and the end of the run).
+        """
         if not self.enabled:
             return
         self.journal.append(self._pending)
@@ -330,13 +342,16 @@ class StageTracker:
         try:
             drain(self.journal, self.uri)
         except Exception as exc:  # any tracking failure: training must go on, the journal keeps it
-            self._offline_until = time.monotonic() + 30.0
+            self._offline_until = time.monotonic() + self._retry_s
+            self._retry_s = min(2 * self._retry_s, OFFLINE_RETRY_MAX_S)
             logger.warning(
                 "MLflow unreachable (%s: %s); recording to the journal, run "
                 "`openrelease tracking sync` later",
                 type(exc).__name__,
                 redact(str(exc))[:200],
             )
+        else:
+            self._offline_until, self._retry_s = 0.0, OFFLINE_RETRY_S
 
     def finish(self, *, status: str = "FINISHED") -> StageRecord | None:
         """Close the run, flush everything and write the final record.json."""

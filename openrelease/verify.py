@@ -392,7 +392,8 @@ def check_mof(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> 
     except ArtifactError as exc:
         report.add("mof", "mof.yaml", str(exc))
         return
-    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError) as exc:
+        # ValueError: a scalar YAML types but cannot build (date 2025-13-45, a 5000-digit int)
         report.add("mof", "mof.yaml", f"cannot be read as YAML: {type(exc).__name__}.")
         return
     folders = {p.rsplit("/", i)[0] for p in sizes for i in range(1, p.count("/") + 1)}

@@ -10,8 +10,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.hf_api import RepoFile
 
 from openrelease.digest import PREFIX, sha256_bytes
@@ -43,6 +49,38 @@ DATA = "data"
 
 Location = tuple[str, str]
 """(listing key: a model-repo revision or DATA, path in that repo)."""
+
+HUB_ERRORS = (HfHubHTTPError, EntryNotFoundError, httpx2.TransportError)
+"""What a Hub request can raise: an HTTP error answer, a download that found nothing (its
+cause is the HTTP or transport error), or no answer at all (refused, reset, timed out)."""
+_HINTS = {
+    401: "the token is missing or invalid; set HF_TOKEN or run `hf auth login`",
+    403: "the token cannot do this here; use a token with access to this namespace",
+    404: "the repo, revision or file does not exist or is not visible with this token",
+}
+
+
+def describe_hub_error(exc: BaseException) -> tuple[str, str]:
+    """What went wrong talking to the Hub, and what to do; one line each, never a token.
+
+    Returns:
+        ``(what happened, what to do)``, e.g. ``("HTTP 429: slow down", "... retry after 30 s")``.
+    """
+    if not isinstance(exc, HfHubHTTPError | httpx2.TransportError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # hf_hub_download wraps the real failure
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        detail = " ".join((exc.server_message or str(exc).splitlines()[0]).split())[:200]
+        if status == 429:
+            after = exc.response.headers.get("Retry-After", "").strip()
+            wait = f"retry after {after} s" if after.isdigit() else "wait a few minutes and retry"
+            return f"HTTP 429: {detail}", f"the Hub is rate-limiting; {wait}"
+        hint = _HINTS.get(status, "the Hub failed; retry later" if status >= 500 else "")
+        return f"HTTP {status}: {detail}", hint or "check the repo id, revision and endpoint"
+    what = " ".join(str(exc).split())[:200] or type(exc).__name__
+    if isinstance(exc, httpx2.TransportError):
+        return f"no answer: {what}", "check --endpoint / HF_ENDPOINT and the network"
+    return f"{type(exc).__name__}: {what}", "check the repo id, revision and endpoint"
 
 
 def hub_locations(path: str, *, main: str) -> list[Location]:
@@ -244,11 +282,9 @@ def verify_hub(
                 max_bytes=MAX_MANIFEST_BYTES,
             )
             views = _checkpoints(hub, listings, main=main, report=report)
-    except HfHubHTTPError as exc:
-        raise ArtifactError(
-            f"hf:{repo_id}@{main} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
-            "check the repo id, revision, endpoint and token."
-        ) from None
+    except HUB_ERRORS as exc:
+        what, hint = describe_hub_error(exc)
+        raise ArtifactError(f"hf:{repo_id}@{main} cannot be read ({what}); {hint}.") from None
     _compare_files(manifest, listings, main=main, report=report)
     check_lineage(views, report)
     return report

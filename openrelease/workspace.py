@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
 from openrelease.params import STAGES, PipelineParams
-from openrelease.tracking import tracking_uri
+from openrelease.tracking import redact, tracking_uri
 
 
 class StageStatus(BaseModel):
@@ -116,5 +116,5 @@ def describe_workspace(project_dir: Path, params: PipelineParams) -> WorkspaceRe
         stages=tuple(stages),
         final_metrics=metrics,
         plots=tuple(plots),
-        tracking_uri=tracking_uri(project_dir),
+        tracking_uri=redact(tracking_uri(project_dir)),
     )

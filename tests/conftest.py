@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 from hubserver import HubServer, serve_hub
 from huggingface_hub import constants
+from project_paths import TEST_PARAMS
 
 from openrelease.params import PipelineParams, load_params
-
-ASSETS = Path(__file__).parent / "assets"
-REPO_ROOT = Path(__file__).parent.parent
-TEST_PARAMS = ASSETS / "params_test.yaml"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 Stdlib only, 127.0.0.1 only. Use `serve_hub(root_dir)` with ``HF_HUB_DISABLE_XET=1``; every
 request lands in ``hub.log`` so tests can assert what was called and how many LFS bytes moved.
+`HubServer.inject` makes matching requests fail (an HTTP status, or a reset connection).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import base64
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -83,6 +86,28 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Fault:
+    """An injected failure for requests whose method and path match, ``times`` times (-1: all).
+
+    ``status`` 0 resets the TCP connection instead of answering (the client sees ECONNRESET).
+    """
+
+    method: str
+    """HTTP method, or ``*`` for any."""
+    pattern: str
+    """Regular expression searched in the request path."""
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int = 1
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        """True when this fault applies to the request (and has hits left)."""
+        live = self.times < 0 or self.hits < self.times
+        return live and self.method in ("*", method) and re.search(self.pattern, path) is not None
+
+
 @dataclass(frozen=True)
 class LogEntry:
     """One request: ``mutating`` is True for routes that change Hub state."""
@@ -106,8 +131,27 @@ class HubServer(ThreadingHTTPServer):
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self.repos: dict[tuple[str, str], Repo] = {}
         self.log: list[LogEntry] = []
+        self.faults: list[Fault] = []
         self.lock = threading.RLock()
         root_dir.mkdir(parents=True, exist_ok=True)
+
+    def inject(
+        self,
+        method: str,
+        pattern: str,
+        status: int,
+        *,
+        times: int = 1,
+        headers: dict[str, str] | None = None,
+    ) -> Fault:
+        """Fail the next ``times`` requests matching ``method`` and ``pattern`` with ``status``.
+
+        ``status`` 0 resets the connection; ``times`` -1 fails every matching request.
+        """
+        fault = Fault(method, pattern, status, dict(headers or {}), times)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
 
     def lfs_path(self, repo: Repo, oid: str) -> Path:
         """Where an LFS object of ``repo`` lives on disk."""
@@ -158,12 +202,32 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def _fault(self, path: str) -> Fault | None:
+        with self.server.lock:
+            fault = next((f for f in self.server.faults if f.matches(self.command, path)), None)
+            if fault is not None:
+                fault.hits += 1
+        return fault
+
+    def _reset(self, path: str) -> None:
+        """Drop the connection with a TCP RST and no answer (SO_LINGER 0, then close)."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+        self.server.log.append(LogEntry(self.command, path, 0, False, 0, 0))
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.body, self.query = self._read_body(), parse_qs(url.query)
         self.mutating, self.lfs_in, self.lfs_out = False, 0, 0
         status, headers, payload = 200, dict[str, str](), b""
+        fault = self._fault(url.path)
+        if fault is not None and fault.status == 0:
+            self._reset(url.path)
+            return
         try:
+            if fault is not None:
+                raise HubError(fault.status, f"injected fault: HTTP {fault.status}")
             with self.server.lock:
                 status, headers, payload = self._route(url.path)
         except HubError as exc:
@@ -171,6 +235,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": str(exc), "Content-Type": "application/json"}
             if exc.code:
                 headers["X-Error-Code"] = exc.code
+            if fault is not None:
+                headers.update(fault.headers)
         self.send_response(status)
         for key, value in {"Content-Length": str(len(payload)), **headers}.items():
             self.send_header(key, value)

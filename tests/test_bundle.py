@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TEST_PARAMS
+from project_paths import TEST_PARAMS
 
 from openrelease import bundle_files as bundle_mod
 from openrelease.audit import audit
@@ -421,3 +421,33 @@ def test_git_workspace_ships_the_committed_source(ws: Path, tmp_path: Path) -> N
     assert (out / "code/params.yaml").read_bytes() == (ws / "params.yaml").read_bytes()
     assert (out / "code/openrelease/model.py").is_file()  # the package is not in this repo
     assert audit(str(out)).mof_class == 1
+
+
+def test_real_bundle_publishes_verifies_and_loads_from_a_branch(
+    built: tuple[Path, BundleReport], hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trained tiny bundle end to end on the loopback Hub: publish, verify, audit, load."""
+    from hubserver import TOKEN, USER
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModelForCausalLM
+
+    from openrelease.audit import audit_hub_repo
+    from openrelease.publish import publish_bundle
+    from openrelease.verify_hub import verify_hub
+
+    out, _ = built
+    repo = f"{USER}/tiny-trained"
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the `built` bundle was made with it set
+    report = publish_bundle(out, repo_id=repo, endpoint=hub.endpoint, token=TOKEN)
+    assert report.ok, (report.missing, report.mismatched)
+    assert verify_hub(repo, endpoint=hub.endpoint, token=TOKEN).ok
+    audited = audit_hub_repo(repo, endpoint=hub.endpoint, token=TOKEN)
+    assert audited.mof_class == 1, [(r.component, r.problem) for r in audited.rows if r.problem]
+    assert hub.lfs_bytes_downloaded == 0
+    first = sorted(p.name for p in (out / "checkpoints" / "pretrain").iterdir())[0]
+    step = int(first.removeprefix("step-"))
+    local = snapshot_download(
+        repo, revision=f"pretrain-step{step}", endpoint=hub.endpoint, token=TOKEN
+    )
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert model.config.num_hidden_layers > 0

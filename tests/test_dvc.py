@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TEST_PARAMS
+from project_paths import REPO_ROOT, TEST_PARAMS
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import TEST_PARAMS
+from project_paths import TEST_PARAMS
 
 from openrelease.errors import ParamsError
 from openrelease.params import PipelineParams, load_params

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from project_paths import REPO_ROOT
 
 from openrelease.params import load_params
 

@@ -91,6 +91,15 @@ def _read_jsonl(path: Path, spec: ImportParams) -> list[dict[str, str]]:
                     path=spec.path,
                     line=line_no,
                 ) from None
+            except (RecursionError, ValueError) as exc:  # nested too deep; a 5000-digit number
+                why = (
+                    "nested too deeply" if isinstance(exc, RecursionError) else "a number too long"
+                )
+                raise DataError(
+                    f"{where}: invalid JSON ({why}); one flat object per line.",
+                    path=spec.path,
+                    line=line_no,
+                ) from None
             records.append(_to_record(row, spec, where))
     return records
 
@@ -177,6 +186,12 @@ def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
     if not path.exists():
         raise DataError(
             f"{spec.path}: no such file or folder (data.imports); fix the path.", path=spec.path
+        )
+    if not path.is_relative_to(project_dir.resolve()):
+        raise DataError(
+            f"{spec.path}: resolves outside the project (a symlink?); copy the data into the "
+            "project (or track it there with `dvc import-url`).",
+            path=spec.path,
         )
     if spec.format == "hf_datasets":
         records, digest = _read_hf_datasets(path, spec)
