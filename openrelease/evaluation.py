@@ -19,13 +19,16 @@ from openrelease.data.tasks import extract_answer, has_reasoning_format
 from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
 from openrelease.manifest import (
+    CheckpointMeta,
     EvalResult,
     StageManifest,
+    StageRecord,
     read_model,
     write_json,
     write_text_atomic,
 )
 from openrelease.params import STAGES, EvalParams, PipelineParams
+from openrelease.tracking import StageTracker, input_for_file
 
 Progress = Callable[[str, int, int], None]
 EVAL_DIR = "artifacts/eval"
@@ -163,7 +166,7 @@ def _load(checkpoint_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the eval command draws its own progress bar
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # we draw our own
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     model.eval()  # type: ignore[no-untyped-call]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, padding_side="left")
@@ -246,14 +249,56 @@ def run_eval_stage(
     """Evaluate every checkpoint not evaluated before; write results, DVC metrics and plots."""
     import torch
 
-    from openrelease.plots import write_plots
-
     torch.manual_seed(0)
     store = DataStore(project_dir / params.data.out_dir)
     eval_dir = project_dir / EVAL_DIR
     digest = _eval_digest(params.eval, store)
     manifests = _stage_manifests(project_dir)
     todo = [(s, c) for s, m in manifests.items() for c in m.checkpoints]
+    tracker = StageTracker("eval", params=params, project_dir=project_dir, out_dir=eval_dir)
+    tracker.start(
+        [input_for_file("data_manifest", "data", store.data_dir / "manifest.json", project_dir)]
+        + [
+            input_for_file(f"{stage}_manifest", "checkpoints", path, project_dir)
+            for stage in manifests
+            if (path := project_dir / "artifacts" / stage / "manifest.json").is_file()
+        ]
+    )
+    try:
+        summary = _evaluate_all(
+            params, project_dir, store, todo, manifests, digest, tracker, progress
+        )
+    except BaseException:
+        tracker.finish(status="FAILED")
+        raise
+    tracker.finish()
+    return summary
+
+
+def _model_keys(project_dir: Path, stages: list[str]) -> dict[str, str]:
+    """Stage -> the MLflow run key its checkpoints' LoggedModels hang under (from record.json)."""
+    keys: dict[str, str] = {}
+    for stage in stages:
+        path = project_dir / "artifacts" / stage / "record.json"
+        if path.is_file():
+            keys[stage] = read_model(path, StageRecord).run_key
+    return keys
+
+
+def _evaluate_all(
+    params: PipelineParams,
+    project_dir: Path,
+    store: DataStore,
+    todo: list[tuple[str, CheckpointMeta]],
+    manifests: dict[str, StageManifest],
+    digest: str,
+    tracker: StageTracker,
+    progress: Progress | None,
+) -> EvalSummary:
+    from openrelease.plots import write_plots
+
+    eval_dir = project_dir / EVAL_DIR
+    run_keys = _model_keys(project_dir, list(manifests))
     results: list[EvalResult] = []
     evaluated = 0
     for i, (stage, meta) in enumerate(todo, start=1):
@@ -281,6 +326,11 @@ def run_eval_stage(
         write_json(result_path, result)
         results.append(result)
         evaluated += 1
+        tracker.log_metrics({f"{stage}/{k}": v for k, v in metrics.items()}, step=meta.step)
+        if stage in run_keys:  # linked to the checkpoint's LoggedModel in the training run
+            tracker.log_model_metrics(
+                f"{run_keys[stage]}:step-{meta.step}", metrics, step=meta.step
+            )
     for stage, manifest in manifests.items():
         samples = eval_dir / "samples" / f"{stage}.jsonl"
         if evaluated or not samples.exists():

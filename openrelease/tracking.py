@@ -200,8 +200,8 @@ class StageTracker:
 
     def _stage_params(self) -> dict[str, Any]:
         dumped = self.params.model_dump(mode="json")
-        sections = (
-            ["seed", "compute", "model", self.stage] if self.stage != "data" else ["seed", "data"]
+        sections = {"data": ["seed", "data"], "eval": ["seed", "eval"]}.get(
+            self.stage, ["seed", "compute", "model", self.stage]
         )
         return {k: dumped[k] for k in sections if k in dumped}
 
@@ -247,6 +247,10 @@ class StageTracker:
             {"op": "artifact", "run": self.run_key, "path": str(params_path), "dir": "params"},
             {"op": "artifact", "run": self.run_key, "path": str(freeze_path), "dir": "environment"},
         ]
+        lock = self.project_dir / "dvc.lock"
+        if lock.is_file():  # the lock as this stage starts: the hashes of every stage upstream
+            tags["dvc.lock_sha256"] = sha256_file(lock)
+            ops.append({"op": "artifact", "run": self.run_key, "path": str(lock), "dir": "dvc"})
         if self._git.dirty:
             ops.append(
                 {
@@ -286,6 +290,20 @@ class StageTracker:
         self._final.update({k: float(v) for k, v in metrics.items()})
         if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
             self.flush()
+
+    def log_model_metrics(self, model_key: str, metrics: dict[str, float], *, step: int) -> None:
+        """Log ``metrics`` on this run, linked to the LoggedModel ``model_key`` (any stage's)."""
+        if not self.enabled:
+            return
+        ts = now_ms()
+        self._pending.append(
+            {
+                "op": "metrics",
+                "run": self.run_key,
+                "model": model_key,
+                "metrics": [[k, float(v), ts, step] for k, v in metrics.items()],
+            }
+        )
 
     def log_checkpoint(self, meta: CheckpointMeta, *, path: Path) -> None:
         """Record a release checkpoint as an MLflow LoggedModel (no bytes uploaded)."""

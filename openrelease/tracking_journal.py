@@ -148,12 +148,25 @@ class Applier:
     def _log_metrics(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        model_id = self.ids.get(op["model"]) if op.get("model") else None
+        model_id = self._model_id(op["model"]) if op.get("model") else None
         metrics = [
             Metric(key, float(value), int(ts), int(step), model_id=model_id)
             for key, value, ts, step in op["metrics"]
         ]
         self.client.log_batch(self.ids[op["run"]], metrics=metrics)
+
+    def _model_id(self, key: str) -> str | None:
+        """The LoggedModel id of ``key``, also when another stage's journal created it."""
+        if key not in self.ids:
+            found = self.client.search_logged_models(
+                [self.experiment_id()],
+                filter_string=f"tags.`{MODEL_KEY_TAG}` = '{key}'",
+                max_results=1,
+            )
+            if not found:
+                return None
+            self.ids[key] = found[0].model_id
+        return self.ids[key]
 
     def _log_input(self, op: dict[str, Any]) -> None:
         from mlflow.data.http_dataset_source import HTTPDatasetSource

@@ -451,3 +451,22 @@ def test_real_bundle_publishes_verifies_and_loads_from_a_branch(
     )
     model = AutoModelForCausalLM.from_pretrained(local)
     assert model.config.num_hidden_layers > 0
+
+
+def test_eval_metrics_are_linked_to_the_checkpoint_logged_models(workspace: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("openrelease")
+    assert exp is not None
+    models = client.search_logged_models([exp.experiment_id])
+    by_name = {m.name: m for m in models}
+    final = max(
+        (m for m in models if m.name.startswith("sft-step")), key=lambda m: int(m.tags["step"])
+    )
+    linked = {m.key for m in by_name[final.name].metrics or []}
+    assert {"checkpoint_loss", "heldout_loss"} <= linked, linked
+    runs = client.search_runs([exp.experiment_id], "tags.`openrelease.stage` = 'eval'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "sft/heldout_loss" in runs[0].data.metrics
+    assert "dvc.lock_sha256" not in runs[0].data.tags  # no dvc.lock in this workspace
