@@ -6,6 +6,7 @@ and renames it over ``out_dir``, so a failed build leaves no half-written bundle
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -45,6 +46,7 @@ from openrelease.manifest import (
     BundleManifest,
     CheckpointMeta,
     FileEntry,
+    ReproCertificate,
     read_model,
     write_json,
 )
@@ -60,6 +62,8 @@ from openrelease.sbom import BomDataset, BomModel, journal_dir, ml_bom, release_
 
 logger = logging.getLogger(__name__)
 
+CERTIFICATE_PATH = "artifacts/certificate.json"
+"""Written by `openrelease bundle --certify` (`openrelease.reproduce.certify`)."""
 _SPDX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")
 _PAPER_SUFFIXES = (".md", ".pdf", ".tex", ".html")
 
@@ -125,6 +129,11 @@ def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
         ]
 
 
+def _add_state(plan: FilePlan, folder: Path, dest: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        plan.add_file(f"{dest}/{path.relative_to(folder).as_posix()}", path, immutable=True)
+
+
 def _plan_states(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
     """states/<stage>/step-N/: the resumable training states the retention policy names."""
     retention = rec.params.release.retention
@@ -142,9 +151,38 @@ def _plan_states(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
                     "or change release.retention.",
                     path=str(folder),
                 )
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                rel = path.relative_to(folder).as_posix()
-                plan.add_file(f"states/{stage}/step-{step}/{rel}", path, immutable=True)
+            _add_state(plan, folder, f"states/{stage}/step-{step}")
+
+
+def _plan_certificate(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> ReleaseRecord:
+    """certificate.json and the states its replays start from, when it certifies this record."""
+    path = project_dir / CERTIFICATE_PATH
+    if not path.is_file():
+        return rec
+    certificate = read_model(path, ReproCertificate)
+    digests = {
+        (m.stage, m.step): m.checkpoint_digest for s in rec.stages.values() for m in s.checkpoints
+    }
+    stale = [
+        r for r in certificate.replays if digests.get((r.stage, r.to_step)) != r.recorded_digest
+    ]
+    starts = {
+        r: project_dir / "artifacts" / r.stage / "states" / f"step-{r.from_step}"
+        for r in certificate.replays
+        if r.from_step
+    }
+    stale += [r for r, folder in starts.items() if not (folder / "state.json").is_file()]
+    if stale:
+        names = ", ".join(f"{r.stage} steps {r.from_step}..{r.to_step}" for r in stale)
+        plan.warn(
+            f"{CERTIFICATE_PATH} is left out: the record no longer has what it replayed ({names}); "
+            "run `openrelease bundle --certify` to replay again"
+        )
+        return rec
+    for r, folder in starts.items():
+        _add_state(plan, folder, f"states/{r.stage}/step-{r.from_step}")
+    plan.add_file("certificate.json", path)
+    return dataclasses.replace(rec, certificate=certificate)
 
 
 # --------------------------------------------------------------------------- data
@@ -419,6 +457,7 @@ def _plan(project_dir: Path, rec: ReleaseRecord) -> FilePlan:
         plan.warn(f"bundling {rec.stage_chain()}; {', '.join(not_run)} have not run")
     _plan_checkpoints(plan, project_dir, rec)
     _plan_states(plan, project_dir, rec)
+    rec = _plan_certificate(plan, project_dir, rec)
     _plan_data(plan, project_dir, rec)
     _plan_evals(plan, project_dir, rec)
     _plan_logs(plan, project_dir, rec)

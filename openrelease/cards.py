@@ -14,7 +14,14 @@ from typing import Any
 import yaml
 
 from openrelease.errors import ArtifactError
-from openrelease.manifest import DataManifest, EvalResult, StageManifest, StageRecord, read_model
+from openrelease.manifest import (
+    DataManifest,
+    EvalResult,
+    ReproCertificate,
+    StageManifest,
+    StageRecord,
+    read_model,
+)
 from openrelease.params import STAGES, PipelineParams
 
 EVAL_RESULTS = "artifacts/eval/results"
@@ -73,6 +80,8 @@ class ReleaseRecord:
     results: list[EvalResult]
     version: str
     created: str
+    certificate: ReproCertificate | None = None
+    """The replays of `openrelease bundle --certify`, when the bundle carries them."""
 
     @property
     def final_stage(self) -> str:
@@ -309,6 +318,7 @@ def model_card(rec: ReleaseRecord) -> str:
         "",
         _results_table(final),
         "",
+        *_certificate_section(rec.certificate),
         "## Intended use and limitations",
         "",
         "A research artefact for studying training dynamics and reproducibility; it is far "
@@ -323,6 +333,41 @@ def model_card(rec: ReleaseRecord) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def certificate_lines(certificate: ReproCertificate) -> list[str]:
+    """One line per replay: ``pretrain steps 4..8 replayed: identical sha256 (sha256:ab12...)``."""
+    lines = []
+    for r in certificate.replays:
+        where = f"{r.replay_world_size} process(es) on {r.replay_device}"
+        if r.identical:
+            outcome = f"identical sha256 (`{r.weights_sha256[:23]}...`)"
+        else:
+            delta = "not comparable" if r.max_abs_delta is None else f"{r.max_abs_delta:.3g}"
+            loss = "" if r.max_loss_delta is None else f", max loss delta {r.max_loss_delta:.3g}"
+            outcome = f"drift: max |delta| {delta}{loss}"
+        lines.append(f"{r.stage} steps {r.from_step}..{r.to_step} replayed: {outcome}, {where}")
+    return lines
+
+
+def _certificate_section(certificate: ReproCertificate | None) -> list[str]:
+    if certificate is None or not certificate.replays:
+        return []
+    first = certificate.replays[0]
+    return [
+        "## Reproducibility",
+        "",
+        "Reproducibility certificate (`certificate.json`, made when this release was bundled): "
+        "each replay restored a recorded training state from `states/` and retrained to the "
+        "next checkpoint with the recorded params, data order and seeds.",
+        "",
+        *(f"- {line}" for line in certificate_lines(certificate)),
+        "",
+        f"Guarantee: {certificate.guarantee}. The states these replays start from are in "
+        "`states/`; rerun one with `openrelease reproduce . --stage "
+        f"{first.stage} --from-step {first.from_step} --to-step {first.to_step}`.",
+        "",
+    ]
 
 
 def _results_table(final: dict[str, EvalResult]) -> str:

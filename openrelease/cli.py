@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 import yaml
@@ -25,6 +25,9 @@ from rich.table import Table
 from openrelease import __version__
 from openrelease.errors import OpenReleaseError
 from openrelease.params import PipelineParams, StageName, load_params
+
+if TYPE_CHECKING:
+    from openrelease.reproduce import ReproduceReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -434,6 +437,14 @@ def bundle_cmd(
         Path, typer.Option("--out", help="Release folder to write (replaced atomically).")
     ] = Path("release"),
     params: ParamsOpt = Path("params.yaml"),
+    certify_replays: Annotated[
+        bool,
+        typer.Option(
+            "--certify",
+            help="First replay the last stretch of every stage (last kept state -> next "
+            "checkpoint) and ship the result as certificate.json.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Assemble the release folder from the record: MOF 1.0 evidence plus MANIFEST.json."""
@@ -443,6 +454,15 @@ def bundle_cmd(
     from openrelease.bundle_files import BundleProgress
 
     pipeline = load_params(project_dir / params if not params.is_absolute() else params)
+    if certify_replays:
+        from openrelease.cards import certificate_lines
+        from openrelease.reproduce import certify
+
+        certificate = certify(
+            project_dir, pipeline, progress=lambda line: err.print(line, highlight=False)
+        )
+        for line in certificate_lines(certificate):
+            err.print(f"certified: {line}", highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     bar = Progress(
         *columns,
@@ -471,6 +491,86 @@ def bundle_cmd(
         f"{len(report.components)}/17 MOF components -> {report.out_dir}",
         highlight=False,
     )
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+@app.command("reproduce")
+@handles_errors
+def reproduce_cmd(
+    target: Annotated[
+        Path, typer.Argument(help="A workspace (holds artifacts/) or a release bundle folder.")
+    ],
+    stage: StageOpt,
+    from_step: Annotated[
+        int | None,
+        typer.Option(
+            "--from-step",
+            help="A step with a kept training state, or 0 (the stage's initial weights); "
+            "default: the last state before the final checkpoint.",
+        ),
+    ] = None,
+    to_step: Annotated[
+        int | None,
+        typer.Option("--to-step", help="The release checkpoint to reproduce; default: the next."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay recorded training steps and compare the checkpoint with the record (exit 1: drift)."""
+    from openrelease.reproduce import reproduce
+
+    report = reproduce(
+        target,
+        stage=stage,
+        from_step=from_step,
+        to_step=to_step,
+        progress=lambda line: err.print(line, highlight=False),
+    )
+    if as_json:
+        _print_json(report)
+    else:
+        _print_reproduce(report)
+    if not report.identical:
+        raise typer.Exit(1)
+
+
+def _print_reproduce(report: ReproduceReport) -> None:
+    verdict = "[green]identical[/green]" if report.identical else "[red]drift[/red]"
+    out.print(
+        f"{report.stage} steps {report.from_step}..{report.to_step} of {report.target}: {verdict}",
+        highlight=False,
+    )
+    weights = report.weights()
+    out.print(f"  model.safetensors recorded {weights.recorded}", highlight=False)
+    out.print(f"  model.safetensors replayed {weights.replayed}", highlight=False)
+    out.print(
+        f"  recorded on {report.world_size} process(es), {report.device}; replayed on "
+        f"{report.replay_world_size} process(es), {report.replay_device} "
+        f"in {report.seconds:.1f} s",
+        highlight=False,
+    )
+    for note in report.notes:
+        out.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+    if report.identical:
+        return
+    files = Table("file", "recorded", "on disk", "replayed")
+    for f in (f for f in report.files if not f.same):
+        files.add_row(f.path, *((h or "-")[:23] for h in (f.recorded, f.found, f.replayed)))
+    out.print(files)
+    moved = [d for d in report.drift if d.max_abs_delta != 0.0]
+    drift = sorted(moved, key=lambda d: (d.max_abs_delta is not None, -(d.max_abs_delta or 0)))
+    tensors = Table("tensor", "max |delta|", "note")
+    for d in drift[:20]:
+        delta = "-" if d.max_abs_delta is None else f"{d.max_abs_delta:.3g}"
+        tensors.add_row(d.name, delta, d.note)
+    out.print(tensors if drift else "  every tensor is equal; only other files differ")
+    losses = Table("step", "recorded loss", "replayed loss")
+    for p in report.losses:
+        losses.add_row(
+            str(p.step), *("-" if v is None else f"{v:.6f}" for v in (p.recorded, p.replayed))
+        )
+    out.print(losses)
 
 
 # --------------------------------------------------------------------------- verify, audit, publish

@@ -260,3 +260,44 @@ class EvalResult(Record):
     eval_digest: str
     """Digest of the eval params and eval data: a change re-evaluates."""
     metrics: dict[str, float]
+
+
+class StageReplay(Record):
+    """A replayed stretch of a stage: its state at ``from_step`` -> its checkpoint ``to_step``."""
+
+    stage: str
+    from_step: int
+    """0: from the stage's initial weights (no training state needed)."""
+    to_step: int
+    identical: bool
+    """Every file of the replayed checkpoint has the recorded sha256."""
+    recorded_digest: str
+    """``checkpoint_digest`` of the recorded checkpoint at ``to_step``."""
+    replayed_digest: str
+    weights_sha256: str
+    """sha256 of the recorded model.safetensors (as its meta.json lists it)."""
+    replayed_weights_sha256: str
+    max_abs_delta: float | None
+    """Largest |replayed - recorded| over every weight; 0.0 when identical, None when some
+    tensor could not be compared (another shape or dtype, missing)."""
+    max_loss_delta: float | None
+    """Largest |replayed - recorded| training loss over the replayed steps."""
+    world_size: int
+    """Processes of the recorded run."""
+    device: str
+    """Device of the recorded run (``cpu (x86_64)``, ``cuda (NVIDIA H100 80GB HBM3)``)."""
+    replay_world_size: int
+    replay_device: str
+    seconds: float
+
+
+class ReproCertificate(Record):
+    """``certificate.json``: short replays of each stage, made when the release was bundled."""
+
+    schema_version: Literal[1] = 1
+    created: str
+    """UTC ISO-8601 time the replays finished."""
+    openrelease_version: str
+    guarantee: str
+    """What identity means: bitwise on the same world size and hardware class."""
+    replays: tuple[StageReplay, ...]

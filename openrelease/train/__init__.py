@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,10 @@ def _rel(path: Path, project_dir: Path) -> str:
     )
 
 
+INIT_FROM: dict[StageName, StageName] = {"sft": "pretrain", "distill": "sft", "grpo": "distill"}
+"""Stage -> the stage whose final checkpoint it starts from (pretrain starts from the seed)."""
+
+
 def _init_from(project_dir: Path, stage: StageName) -> tuple[Path, str, InputRecord]:
     folder, meta = final_checkpoint(project_dir, stage)
     record = InputRecord(
@@ -79,7 +83,7 @@ def _pretrain_setup(
 def _sft_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext
 ) -> StageSetup:
-    folder, digest, init = _init_from(project_dir, "pretrain")
+    folder, digest, init = _init_from(project_dir, INIT_FROM["sft"])
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = ChatSource(
         sft_pairs(store.records("sft")), tokenizer=tokenizer, seq_len=params.sft.seq_len
@@ -90,7 +94,7 @@ def _sft_setup(
 def _distill_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext
 ) -> StageSetup:
-    folder, digest, init = _init_from(project_dir, "sft")
+    folder, digest, init = _init_from(project_dir, INIT_FROM["distill"])
     out_dir = ckpt.stage_dir(project_dir, "distill")
     teacher = params.distill.teacher
     # Rank 0 writes the traces (a model teacher generates them) while the others wait.
@@ -127,7 +131,7 @@ def _grpo_setup(
             f"grpo.seq_len {p.seq_len} must exceed grpo.max_new_tokens {p.max_new_tokens}: "
             "prompts get seq_len - max_new_tokens tokens."
         )
-    folder, digest, init = _init_from(project_dir, "distill")
+    folder, digest, init = _init_from(project_dir, INIT_FROM["grpo"])
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = PromptSource(
         store.records("grpo"), tokenizer=tokenizer, max_prompt_len=p.seq_len - p.max_new_tokens
@@ -190,11 +194,25 @@ def _train_recorded(job: TrainJob, ctx: DistContext, tracker: StageTracker) -> T
         tracker.finish(status=status)
 
 
-def run_stage(stage: StageName, params: PipelineParams, *, project_dir: Path) -> TrainReport:
+def run_stage(
+    stage: StageName,
+    params: PipelineParams,
+    *,
+    project_dir: Path,
+    stop_at_step: int | None = None,
+    record: bool = True,
+) -> TrainReport:
     """Run (or resume) training stage ``stage``; call on every rank of the job.
 
     Rank 0 records the run (params, inputs, per-step metrics, every release checkpoint) with
     `openrelease.tracking.StageTracker`: MLflow through the journal, plus ``record.json``.
+
+    Args:
+        stage: The training stage.
+        params: The pipeline params.
+        project_dir: The workspace (holds artifacts/).
+        stop_at_step: Return after this step, with the schedule of the full run (a replay).
+        record: False writes only the stage's files (no MLflow run, no record.json).
 
     Returns:
         What the run did (``interrupted`` when a signal stopped it after saving a state).
@@ -215,16 +233,6 @@ def run_stage(stage: StageName, params: PipelineParams, *, project_dir: Path) ->
     try:
         setup = STAGE_SETUPS[stage](params, store, project_dir, ctx)
         tok = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
-        tracker = StageTracker(
-            stage,
-            params=params,
-            project_dir=project_dir,
-            out_dir=ckpt.stage_dir(project_dir, stage),
-            enabled=ctx.is_main,
-            world_size=ctx.world_size,
-            num_threads=params.compute.num_threads,
-        )
-        tracker.start([*_common_inputs(store, project_dir), *setup.inputs])
         job = TrainJob(
             stage=stage,
             params=params.stage(stage),
@@ -241,8 +249,21 @@ def run_stage(stage: StageName, params: PipelineParams, *, project_dir: Path) ->
             init_checkpoint=setup.init_checkpoint,
             init_digest=setup.init_digest,
             objective=setup.objective,
-            recorder=tracker if ctx.is_main else None,
+            stop_at_step=stop_at_step,
         )
+        if not record:
+            return run_training(job, ctx)
+        tracker = StageTracker(
+            stage,
+            params=params,
+            project_dir=project_dir,
+            out_dir=ckpt.stage_dir(project_dir, stage),
+            enabled=ctx.is_main,
+            world_size=ctx.world_size,
+            num_threads=params.compute.num_threads,
+        )
+        tracker.start([*_common_inputs(store, project_dir), *setup.inputs])
+        job = replace(job, recorder=tracker if ctx.is_main else None)
         return _train_recorded(job, ctx, tracker)
     finally:
         for handler in handlers:

@@ -73,6 +73,8 @@ class TrainJob:
     """None: next-token cross-entropy on ``source`` (`TokenObjective`)."""
     recorder: Recorder | None = None
     """Receives metrics and checkpoints on rank 0; None records only to files."""
+    stop_at_step: int | None = None
+    """Return after this step (a replay); the schedule still runs to ``params.num_steps``."""
 
 
 class TrainReport(BaseModel):
@@ -315,6 +317,9 @@ def _save_state(
 def run_training(job: TrainJob, ctx: distributed.DistContext) -> TrainReport:
     """Run (or resume) one stage to ``job.params.num_steps``; collective on every rank.
 
+    With ``job.stop_at_step`` it returns after that step, having written what the full run
+    writes up to there (checkpoints, states, metrics) but no stage manifest.
+
     Returns:
         The report; ``interrupted`` is true when SIGTERM/SIGINT stopped it after a state save.
     """
@@ -331,11 +336,12 @@ def run_training(job: TrainJob, ctx: distributed.DistContext) -> TrainReport:
         for meta in ckpt.list_checkpoints(root / "checkpoints"):
             job.recorder.log_checkpoint(meta, path=ckpt.step_dir(root / "checkpoints", meta.step))
     state_every = p.state_every or p.checkpoint_every
+    end = min(p.num_steps, job.stop_at_step or p.num_steps)
     pending: ckpt.PendingState | None = None
     interrupted = False
-    reporter = ProgressReporter(job.stage, total=p.num_steps, start=start, enabled=ctx.is_main)
+    reporter = ProgressReporter(job.stage, total=end, start=start, enabled=ctx.is_main)
     with _StopFlag().installed() as stop, reporter:
-        while pos.step < p.num_steps:
+        while pos.step < end:
             step = pos.step + 1
             batch = global_batch(
                 seed=job.seed,
@@ -378,7 +384,7 @@ def run_training(job: TrainJob, ctx: distributed.DistContext) -> TrainReport:
     ):
         _save_state(job, ctx, model, optimizer, pos).finish()
     manifest_path = None
-    if not interrupted:
+    if not interrupted and pos.step == p.num_steps:
         if ctx.is_main:
             ckpt.write_stage_manifest(job.project_dir, stage=job.stage)
         manifest_path = str(root / "manifest.json")

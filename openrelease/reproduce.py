@@ -1,0 +1,472 @@
+"""Replay a recorded stretch of training from a workspace or a bundle (read-only) and compare.
+
+Picks the state and checkpoint, checks they belong to one run, runs `openrelease.train.replay`;
+`certify` replays the last stretch of every stage for ``bundle --certify``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+import openrelease
+from openrelease import checkpoint as ckpt
+from openrelease.errors import ArtifactError, ParamsError
+from openrelease.manifest import (
+    CheckpointMeta,
+    DataManifest,
+    ReproCertificate,
+    StageRecord,
+    StageReplay,
+    read_json,
+    read_model,
+    write_json,
+)
+from openrelease.params import STAGES, PipelineParams, StageName, load_params
+from openrelease.train import INIT_FROM, stage_params_digest
+from openrelease.train.loop import TrainReport
+from openrelease.train.replay import (
+    CheckpointDiff,
+    ReplayError,
+    build_scratch,
+    device_name,
+    diff_checkpoints,
+    local_env,
+    run_replay,
+    scratch_for,
+)
+
+CERTIFICATE_FILE = "certificate.json"
+"""Written to ``artifacts/`` by `certify`; a bundle carries it at its root."""
+GUARANTEE = (
+    "bitwise identical sha256 when replayed with the recorded world size and thread count on "
+    "the same hardware class with compute.deterministic; elsewhere the drift is measured"
+)
+_VERSIONED = ("torch", "transformers", "openrelease")
+"""Packages whose recorded version (record.json) a replay compares with its own."""
+ProgressFn = Callable[[str], None]
+"""Called with a short line as each phase starts (prepare, replay, compare)."""
+
+
+class ReproduceReport(CheckpointDiff):
+    """What `reproduce` replayed, where, and how its checkpoint compares with the record."""
+
+    target: str
+    layout: Literal["workspace", "bundle"]
+    stage: str
+    from_step: int
+    """0: the stage's initial weights (no training state needed)."""
+    to_step: int
+    world_size: int
+    """Processes of the recorded run (the replay uses as many)."""
+    device: str
+    """``cpu (<machine>)``, ``cuda (<gpu>)``, or ``unknown`` without a record.json."""
+    num_threads: int
+    replay_world_size: int
+    replay_device: str
+    replay_num_threads: int
+    seconds: float
+    """Wall time of the replay: scratch workspace, training (process start included), diff."""
+
+    def to_replay(self) -> StageReplay:
+        """This report as a certificate entry."""
+        weights = self.weights()
+        return StageReplay(
+            **self.model_dump(include=set(StageReplay.model_fields)),
+            weights_sha256=weights.recorded or "",
+            replayed_weights_sha256=weights.replayed or "",
+        )
+
+
+# --------------------------------------------------------------------------- where things are
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a workspace or a bundle keeps what a replay reads."""
+
+    kind: Literal["workspace", "bundle"]
+    root: Path
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / ("configs/params.yaml" if self.kind == "bundle" else "params.yaml")
+
+    def data_dir(self, params: PipelineParams) -> Path:
+        return self.root / ("data" if self.kind == "bundle" else params.data.out_dir)
+
+    def checkpoints(self, stage: str) -> Path:
+        if self.kind == "bundle":
+            return self.root / "checkpoints" / stage
+        return ckpt.stage_dir(self.root, stage) / "checkpoints"
+
+    def states(self, stage: str) -> Path:
+        if self.kind == "bundle":
+            return self.root / "states" / stage
+        return ckpt.stage_dir(self.root, stage) / "states"
+
+    def log(self, stage: str, name: str) -> Path:
+        """metrics.jsonl or record.json of ``stage``."""
+        if self.kind == "bundle":
+            return self.root / "logs" / stage / name
+        return ckpt.stage_dir(self.root, stage) / name
+
+    def more_states_hint(self, stage: str) -> str:
+        if self.kind == "bundle":
+            return "release.retention.state_every_k keeps more in a bundle"
+        return f"{stage}.state_every and {stage}.keep_last_states keep more"
+
+
+def _layout(target: Path) -> _Layout:
+    if (target / "MANIFEST.json").is_file() and (target / "configs/params.yaml").is_file():
+        return _Layout("bundle", target)
+    if (target / "artifacts").is_dir():
+        return _Layout("workspace", target)
+    raise ParamsError(
+        f"{target} is neither a workspace (holds artifacts/) nor a release bundle "
+        "(holds MANIFEST.json and configs/params.yaml)."
+    )
+
+
+def _state_steps(states_dir: Path) -> dict[int, Path]:
+    """Complete training states (with state.json) by step."""
+    if not states_dir.is_dir():
+        return {}
+    found = {}
+    for child in states_dir.iterdir():
+        step = child.name.removeprefix("step-")
+        if (
+            child.name.startswith("step-")
+            and step.isdigit()
+            and (child / ckpt.STATE_FILE).is_file()
+        ):
+            found[int(step)] = child
+    return dict(sorted(found.items()))
+
+
+def _choose_steps(
+    stage: str,
+    steps: list[int],
+    states: Mapping[int, Path],
+    span: tuple[int | None, int | None],
+    hint: str,
+) -> tuple[int, int]:
+    """Resolve the (from, to) defaults against the recorded checkpoint and state steps."""
+    from_step, to_step = span
+    final = steps[-1]
+    startable = [0, *(s for s in states if s < final)]
+    if from_step is None:
+        limit = final if to_step is None else to_step
+        from_step = max(s for s in startable if s < limit)
+    elif from_step >= final:
+        raise ArtifactError(f"{stage} has no release checkpoint after step {from_step}.")
+    elif from_step not in startable:
+        listed = ", ".join(map(str, startable))
+        raise ArtifactError(
+            f"no {stage} training state at step {from_step}: replay can start from steps "
+            f"{listed}; {hint}."
+        )
+    if to_step is None:
+        to_step = next(s for s in steps if s > from_step)
+    elif to_step not in steps or to_step <= from_step:
+        raise ArtifactError(
+            f"{stage} has release checkpoints at steps {', '.join(map(str, steps))}; "
+            f"--to-step must be one of them after step {from_step}."
+        )
+    return from_step, to_step
+
+
+# --------------------------------------------------------------------------- the recorded run
+
+
+def _stage_params(
+    layout: _Layout, stage: StageName, given: PipelineParams | None, digest: str
+) -> PipelineParams:
+    """The params the recorded run used: the record's stage sections over the params file."""
+    base = given if given is not None else load_params(layout.params_path)
+    candidates = [base]
+    record_path = layout.log(stage, "record.json")
+    if record_path.is_file():
+        recorded = read_model(record_path, StageRecord).params
+        try:
+            merged = {**base.model_dump(mode="json"), **recorded}
+            candidates.insert(0, PipelineParams.model_validate(merged))
+        except ValidationError:
+            pass  # a record of an older params schema: only the params file can match
+    for params in candidates:
+        if stage_params_digest(params, stage) == digest:
+            return params
+    raise ParamsError(
+        f"the recorded {stage} run used params with digest {digest[:19]}..., but "
+        f"{layout.params_path} (and {record_path.name}, if any) give "
+        f"{stage_params_digest(base, stage)[:19]}...; restore the params the run used."
+    )
+
+
+def _find_init(
+    layout: _Layout, stage: StageName, digest: str | None
+) -> tuple[StageName, Path, CheckpointMeta] | None:
+    """The checkpoint of the previous stage the recorded run started from (None: pretrain)."""
+    if stage not in INIT_FROM:
+        return None
+    prev = INIT_FROM[stage]
+    for meta in ckpt.list_checkpoints(layout.checkpoints(prev)):
+        if meta.checkpoint_digest == digest:
+            return prev, ckpt.step_dir(layout.checkpoints(prev), meta.step), meta
+    raise ArtifactError(
+        f"the recorded {stage} run started from checkpoint {str(digest)[:19]}..., which no "
+        f"{prev} checkpoint under {layout.checkpoints(prev)} has; replay needs it."
+    )
+
+
+def _check_state(state_dir: Path, identity: dict[str, str | None]) -> dict[str, Any]:
+    info: dict[str, Any] = read_json(state_dir / ckpt.STATE_FILE)
+    wrong = [k for k, v in identity.items() if info.get(k) != v]
+    if wrong:
+        raise ArtifactError(
+            f"{state_dir} was written by another run than the recorded checkpoints "
+            f"({', '.join(wrong)} differ); it cannot start a replay of them."
+        )
+    return info
+
+
+def _check_data(layout: _Layout, data_dir: Path, record: StageRecord | None) -> DataManifest:
+    """The data manifest, once the data is known to be the recorded run's and to be here."""
+    manifest = read_model(data_dir / "manifest.json", DataManifest)
+    recorded = {i.name: i.digest for i in record.inputs} if record is not None else {}
+    if recorded.get("data-manifest", manifest.data_digest) != manifest.data_digest:
+        raise ArtifactError(
+            f"the recorded run read data {recorded['data-manifest'][:19]}..., but {data_dir} "
+            f"holds {manifest.data_digest[:19]}...; replay needs the recorded data."
+        )
+    pointers = data_dir / "pointers.json"
+    if layout.kind == "bundle" and pointers.is_file():
+        for entry in read_json(pointers)["files"]:
+            if not (data_dir / entry["path"]).is_file():
+                raise ArtifactError(
+                    f"data/{entry['path']} is only a pointer in this bundle; download "
+                    f"{entry['url']} (sha256 {entry['sha256'][:16]}...) into data/ to replay."
+                )
+    return manifest
+
+
+def _version(dist: str) -> str:
+    """Installed version of ``dist``, or ``absent`` (as record.json writes it)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """A checked plan: what to replay, from which inputs, on how many processes."""
+
+    layout: _Layout
+    stage: StageName
+    steps: tuple[int, int]
+    params: PipelineParams
+    init: tuple[StageName, Path, CheckpointMeta] | None
+    state: tuple[int, Path] | None
+    world_size: int
+    num_threads: int
+    env: dict[str, str]
+    """The recorded run's environment (record.json); empty without one."""
+
+
+def _plan(
+    layout: _Layout,
+    stage: StageName,
+    span: tuple[int | None, int | None],
+    given: PipelineParams | None,
+) -> _Replay:
+    """Choose the steps and check that the state, data and params belong to the recorded run."""
+    metas = ckpt.list_checkpoints(layout.checkpoints(stage))
+    if not metas:
+        raise ArtifactError(
+            f"{layout.checkpoints(stage)} holds no {stage} release checkpoint; nothing to replay."
+        )
+    states = _state_steps(layout.states(stage))
+    hint = layout.more_states_hint(stage)
+    first, last = _choose_steps(stage, [m.step for m in metas], states, span, hint)
+    meta = next(m for m in metas if m.step == last)
+    params = _stage_params(layout, stage, given, meta.params_digest)
+    record_path = layout.log(stage, "record.json")
+    record = read_model(record_path, StageRecord) if record_path.is_file() else None
+    data = _check_data(layout, layout.data_dir(params), record)
+    identity = {
+        "params_digest": meta.params_digest,
+        "data_digest": data.data_digest,
+        "init_digest": metas[0].parent_digest,
+    }
+    info = _check_state(states[first], identity) if first else {}
+    env = record.environment if record is not None else {}
+    compute = params.compute
+    launched = compute.nproc_per_node * compute.nnodes
+    world_size = int(info.get("world_size") or env.get("world_size") or launched)
+    if (
+        device_name(local_env(), compute).startswith("cuda")
+        and world_size > torch.cuda.device_count()
+    ):
+        raise ArtifactError(
+            f"the recorded {stage} run had {world_size} processes; this machine has "
+            f"{torch.cuda.device_count()} GPUs."
+        )
+    return _Replay(
+        layout=layout,
+        stage=stage,
+        steps=(first, last),
+        params=params,
+        init=_find_init(layout, stage, metas[0].parent_digest),
+        state=(first, states[first]) if first else None,
+        world_size=world_size,
+        num_threads=int(info.get("num_threads") or env.get("num_threads") or compute.num_threads),
+        env=env,
+    )
+
+
+def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[TrainReport, CheckpointDiff]:
+    """Build the scratch workspace in ``root``, replay, and diff against the recorded checkpoint."""
+    (first, last), stage = plan.steps, plan.stage
+    layout = plan.layout
+    scratch, params = scratch_for(
+        stage,
+        plan.params,
+        data_dir=layout.data_dir(plan.params),
+        init=plan.init,
+        state=plan.state,
+        teacher_root=layout.root if layout.kind == "workspace" else None,
+    )
+    say(f"preparing a scratch workspace in {root}")
+    build_scratch(root, scratch)
+    say(f"replaying {stage} steps {first + 1}..{last} on {plan.world_size} process(es)")
+    replayed = run_replay(root, stage, params, stop_at_step=last, world_size=plan.world_size)
+    if (replayed.start_step, replayed.final_step) != (first, last):
+        raise ReplayError(
+            f"the replay ran steps {replayed.start_step + 1}..{replayed.final_step}, "
+            f"not {first + 1}..{last}; see the warnings above."
+        )
+    recorded_dir = ckpt.step_dir(plan.layout.checkpoints(stage), last)
+    say(f"comparing with {recorded_dir}")
+    metrics = plan.layout.log(stage, "metrics.jsonl")
+    diff = diff_checkpoints(recorded_dir, metrics, root=root, stage=stage, steps=(first + 1, last))
+    return replayed, diff
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def reproduce(
+    target: Path,
+    *,
+    stage: StageName,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    params: PipelineParams | None = None,
+    work_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> ReproduceReport:
+    """Replay ``stage`` from its training state at ``from_step`` to checkpoint ``to_step``.
+
+    Runs in this process when the recorded run had one process, else under torchrun with the
+    recorded number of processes. ``target`` is only read.
+
+    Args:
+        target: A workspace (holds artifacts/) or a release bundle (holds MANIFEST.json).
+        stage: The training stage.
+        from_step: A step with a training state, or 0 (the stage's initial weights). Default:
+            the last state before the final checkpoint (before ``to_step`` if given), else 0.
+        to_step: A release checkpoint after ``from_step``. Default: the next one.
+        params: The pipeline params (default: the target's params file); the stage sections
+            recorded in record.json win when they match the checkpoint's params digest.
+        work_dir: Where the scratch workspace goes (default: the system's temp folder).
+        progress: Called with a line as each phase starts.
+
+    Returns:
+        Identical or not, with the drift per tensor and the loss of every replayed step.
+
+    Raises:
+        ArtifactError: A checkpoint, state, data file or the initial checkpoint is missing;
+            for a missing state the message lists the steps a replay can start from.
+        ParamsError: ``target`` is no workspace or bundle, or its params are not the recorded.
+        ReplayError: The replay process failed.
+    """
+    plan = _plan(_layout(target), stage, (from_step, to_step), params)
+    root = Path(tempfile.mkdtemp(prefix=f"openrelease-replay-{stage}-", dir=work_dir))
+    started = time.monotonic()
+    try:
+        replayed, diff = _run(plan, root, progress or (lambda _line: None))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    notes = list(diff.notes)
+    for dist in _VERSIONED:
+        here = _version(dist)
+        if plan.env.get(dist, here) != here:
+            notes.append(f"recorded with {dist} {plan.env[dist]}, replayed with {here}")
+    compute = plan.params.compute
+    return ReproduceReport(
+        **{**dict(diff), "notes": tuple(notes)},
+        target=str(target),
+        layout=plan.layout.kind,
+        stage=stage,
+        from_step=plan.steps[0],
+        to_step=plan.steps[1],
+        world_size=plan.world_size,
+        device=device_name(plan.env, compute),
+        num_threads=plan.num_threads,
+        replay_world_size=replayed.world_size,
+        replay_device=device_name(local_env(), compute),
+        replay_num_threads=compute.num_threads,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def certify(
+    project_dir: Path,
+    params: PipelineParams,
+    *,
+    work_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> ReproCertificate:
+    """Replay the last stretch of every stage that ran; write ``artifacts/certificate.json``.
+
+    Each replay starts from the stage's last training state before its final checkpoint (or
+    from its initial weights when it kept none) and runs to the next checkpoint.
+
+    Returns:
+        The certificate (identical or drift figures per stage), also written to disk.
+
+    Raises:
+        ArtifactError: No stage has run, or a replay lacks an input (see `reproduce`).
+    """
+    replays = []
+    for stage in STAGES:
+        if (ckpt.stage_dir(project_dir, stage) / "manifest.json").is_file():
+            report = reproduce(
+                project_dir, stage=stage, params=params, work_dir=work_dir, progress=progress
+            )
+            replays.append(report.to_replay())
+    if not replays:
+        raise ArtifactError(
+            f"no training stage has run in {project_dir}; run `dvc repro pretrain` first."
+        )
+    certificate = ReproCertificate(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        openrelease_version=openrelease.__version__,
+        guarantee=GUARANTEE,
+        replays=tuple(replays),
+    )
+    write_json(project_dir / "artifacts" / CERTIFICATE_FILE, certificate)
+    return certificate
