@@ -195,6 +195,7 @@ class StageTracker:
         self._inputs: tuple[InputRecord, ...] = ()
         self._checkpoints: list[CheckpointMeta] = []
         self._final: dict[str, float] = {}
+        self._logged: set[tuple[str | None, str, int, float]] | None = None
         self._git: GitInfo | None = None
         self._env: dict[str, str] = {}
 
@@ -275,19 +276,36 @@ class StageTracker:
         self._pending += ops
         self.flush(force=True)
 
+    def _new_metrics(
+        self, metrics: dict[str, float], *, step: int, model: str | None
+    ) -> list[list[Any]]:
+        """``[key, value, ts, step]`` rows not journaled before for this run.
+
+        A resumed stage re-runs the steps after its last state and, being deterministic, gets
+        the values already logged before the kill; they are not sent twice.
+        """
+        if self._logged is None:
+            self._logged = {
+                (op.get("model"), k, int(st), float(v))
+                for op in self.journal.read_ops()
+                if op.get("op") == "metrics" and op.get("run") == self.run_key
+                for k, v, _, st in op["metrics"]
+            }
+        ts, rows = now_ms(), []
+        for k, v in metrics.items():
+            seen = (model, k, step, float(v))
+            if seen not in self._logged:
+                self._logged.add(seen)
+                rows.append([k, float(v), ts, step])
+        return rows
+
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         """Buffer per-step metrics; they reach MLflow in batches."""
         if not self.enabled:
             return
-        ts = now_ms()
-        self._pending.append(
-            {
-                "op": "metrics",
-                "run": self.run_key,
-                "metrics": [[k, float(v), ts, step] for k, v in metrics.items()],
-            }
-        )
         self._final.update({k: float(v) for k, v in metrics.items()})
+        if rows := self._new_metrics(metrics, step=step, model=None):
+            self._pending.append({"op": "metrics", "run": self.run_key, "metrics": rows})
         if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
             self.flush()
 
@@ -295,15 +313,9 @@ class StageTracker:
         """Log ``metrics`` on this run, linked to the LoggedModel ``model_key`` (any stage's)."""
         if not self.enabled:
             return
-        ts = now_ms()
-        self._pending.append(
-            {
-                "op": "metrics",
-                "run": self.run_key,
-                "model": model_key,
-                "metrics": [[k, float(v), ts, step] for k, v in metrics.items()],
-            }
-        )
+        if rows := self._new_metrics(metrics, step=step, model=model_key):
+            op = {"op": "metrics", "run": self.run_key, "model": model_key, "metrics": rows}
+            self._pending.append(op)
 
     def log_checkpoint(self, meta: CheckpointMeta, *, path: Path) -> None:
         """Record a release checkpoint as an MLflow LoggedModel (no bytes uploaded)."""
@@ -333,14 +345,7 @@ class StageTracker:
             }
         )
         if meta.loss is not None:
-            self._pending.append(
-                {
-                    "op": "metrics",
-                    "run": self.run_key,
-                    "model": model_key,
-                    "metrics": [["checkpoint_loss", meta.loss, now_ms(), meta.step]],
-                }
-            )
+            self.log_model_metrics(model_key, {"checkpoint_loss": meta.loss}, step=meta.step)
         self.flush()
 
     def flush(self, *, force: bool = False) -> None:

@@ -158,6 +158,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def test_resumed_run_does_not_log_replayed_steps_twice(
+    project: Path, tiny_params: PipelineParams, store: str
+) -> None:
+    def tracker() -> StageTracker:
+        t = StageTracker(
+            "pretrain", params=tiny_params, project_dir=project, out_dir=project / "artifacts/x"
+        )
+        t.start([])
+        return t
+
+    first = tracker()
+    for step in (1, 2, 3):
+        first.log_metrics({"loss": 1.0 / step}, step=step)
+    first.finish(status="KILLED")
+    second = tracker()  # resumed from a state at step 1: steps 2 and 3 come again, unchanged
+    for step in (2, 3, 4):
+        second.log_metrics({"loss": 1.0 / step}, step=step)
+    second.finish()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (pretrain,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("openrelease").experiment_id])
+        if r.data.tags.get("openrelease.stage") == "pretrain"
+    ]
+    history = client.get_metric_history(pretrain.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+
+
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, callable]]:
     port = _free_port()
