@@ -3,14 +3,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from bundle_factory import make_bundle, write_manifest
-from hubserver import TOKEN, USER, HubServer, serve_hub
-from huggingface_hub import CommitOperationAdd, HfApi, constants
+from hubserver import TOKEN, USER, HubServer
+from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.numpy import save_file
 
 from openrelease.audit import AuditReport, audit, audit_folder, audit_hub_repo, audit_mot_yaml
@@ -280,16 +279,6 @@ def test_dispatch_and_mot_yaml_target(release: Path, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- Hub
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    with serve_hub(tmp_path / "hub") as server:
-        yield server
 
 
 def _ops(folder: Path, *, skip: str | None = None) -> list[CommitOperationAdd]:

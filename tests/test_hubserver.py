@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hubserver import TOKEN, USER, HubServer, serve_hub
-from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, constants, hf_hub_download
+from hubserver import TOKEN, USER, HubServer
+from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -17,17 +16,6 @@ from huggingface_hub.errors import (
 )
 
 REPO = f"{USER}/tiny"
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    # huggingface_hub reads these at import time: patch the constants, not only the env.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    with serve_hub(tmp_path / "hub") as server:
-        yield server
 
 
 @pytest.fixture
