@@ -1,14 +1,17 @@
 """Checkpoints: resumable DCP training states and consolidated HF release folders, both atomic.
 
-Also writes and reads the per-stage manifest. Every folder is built under ``.tmp-*`` and renamed.
+Also writes and reads the per-stage manifest. Every folder is built under ``.tmp-*`` and renamed;
+a failed write removes its ``.tmp-*`` folder, and a full disk is an `ArtifactError` that says so.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -94,6 +98,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
+def _is_disk_full(exc: BaseException, folder: Path, need_bytes: int) -> bool:
+    """Whether ``exc``, raised while writing about ``need_bytes`` under ``folder``, is a full disk.
+
+    Only plain file writes raise OSError(ENOSPC): safetensors raises its own error that quotes
+    the OS message, torch's zip writer fails with "unexpected pos", and DCP wraps that in a
+    CheckpointException. So a failed write with less than ``need_bytes`` free counts as well.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(word in str(exc) for word in _DISK_FULL_WORDS):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < need_bytes
+    except OSError:
+        return False
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+@contextmanager
+def _writing(tmp: Path, final: Path, *, need_bytes: int, owner: bool = True) -> Iterator[None]:
+    """Build ``final`` under ``tmp``: on failure the owner removes ``tmp``; a full disk says so.
+
+    Raises:
+        ArtifactError: The disk holding ``final`` is full (the message names it and the space).
+    """
+    try:
+        yield
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        failed = isinstance(exc, Exception | CheckpointException)
+        full = failed and _is_disk_full(exc, tmp.parent, need_bytes)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        free = shutil.disk_usage(tmp.parent).free
+        raise ArtifactError(
+            f"disk full while writing {final}: {_mib(free)} free on its disk, about "
+            f"{_mib(need_bytes)} needed; free some space, then re-run the stage "
+            "(it resumes from its last saved state).",
+            path=str(final),
+        ) from exc
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) state dict; a DTensor counts its global size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 # --------------------------------------------------------------------------- training states
 
 
@@ -139,24 +203,38 @@ class PendingState:
     info: dict[str, Any]
     keep_last: int
     future: Future[Any] | None = None
+    need_bytes: int = 0
+    """About how much the state takes on disk (for the disk-full message)."""
+    published: bool = False
 
     def finish(self) -> Path:
         """Wait for the write, then (rank 0) add state.json, rename into place, prune old ones.
 
+        Calling it again once published does nothing.
+
         Returns:
             The published state folder.
+
+        Raises:
+            ArtifactError: The disk filled up; the partial state was removed.
         """
-        if self.future is not None:
-            self.future.result()
-            self.future = None
-        _barrier()
-        if _rank() == 0:
-            write_json(self.tmp_dir / STATE_FILE, self.info)
-            _fsync_dir(self.tmp_dir)
-            _replace_dir(self.tmp_dir, self.final_dir)
+        if self.published:
+            return self.final_dir
+        owner = _rank() == 0
+        with _writing(self.tmp_dir, self.final_dir, need_bytes=self.need_bytes, owner=owner):
+            if self.future is not None:
+                future, self.future = self.future, None
+                future.result()
+            _barrier()
+            if owner:
+                write_json(self.tmp_dir / STATE_FILE, self.info)
+                _fsync_dir(self.tmp_dir)
+                _replace_dir(self.tmp_dir, self.final_dir)
+        if owner:
             for _, old in _complete_steps(self.final_dir.parent, STATE_FILE)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
+        self.published = True
         return self.final_dir
 
 
@@ -183,26 +261,36 @@ def save_state(
         info: JSON-able global state (step, tokens seen, parent checkpoint digest, ...).
         keep_last: How many complete states to keep after this one is published.
         async_group: When given, stage to CPU and write with ``dcp.async_save`` in a background
-            thread over this (gloo) group, returning at once; else write synchronously.
+            thread over this (gloo) group, returning at once; else write synchronously and
+            publish the state before returning.
 
     Returns:
         The pending write; call ``finish()`` before the next save and before exiting.
+
+    Raises:
+        ArtifactError: The disk filled up; the partial state was removed.
     """
     tmp = states_dir / f"{TMP_PREFIX}step-{step}"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    owner = _rank() == 0
     msd, osd = get_state_dict(model, optimizer)
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     pending = PendingState(tmp, step_dir(states_dir, step), info, keep_last)
-    if async_group is not None:
-        fut = dcp_async_save(
-            {"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=async_group
-        )
-        pending.future = fut if isinstance(fut, Future) else fut.upload_completion
-    else:
-        dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    pending.need_bytes = _nbytes(msd) + _nbytes(osd)
+    with _writing(tmp, pending.final_dir, need_bytes=pending.need_bytes, owner=owner):
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        if async_group is not None:
+            fut = dcp_async_save(
+                {"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=async_group
+            )
+            pending.future = fut if isinstance(fut, Future) else fut.upload_completion
+        else:
+            dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    if pending.future is None:
+        # Written already: publish now, so a failure before the next save cannot lose it.
+        pending.finish()
     return pending
 
 
@@ -295,35 +383,42 @@ def write_release_checkpoint(
 
     Returns:
         The meta.json record.
+
+    Raises:
+        ArtifactError: The disk filled up; the partial folder was removed, earlier ones are intact.
     """
     tmp = checkpoints_dir / f"{TMP_PREFIX}step-{info.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_config(tmp)
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    _copy_tree(tokenizer_dir, tmp)
-    entries = []
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(path)
-        rel = path.relative_to(tmp).as_posix()
-        entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_file(path)))
-    meta = CheckpointMeta(
-        stage=info.stage,
-        step=info.step,
-        tokens_seen=info.tokens_seen,
-        samples_seen=info.samples_seen,
-        sample_range=info.sample_range,
-        data_digest=info.data_digest,
-        loss=info.loss,
-        params_digest=info.params_digest,
-        parent_digest=info.parent_digest,
-        files=tuple(entries),
-        checkpoint_digest=sha256_tree({e.path: e.sha256 for e in entries}),
-    )
-    write_json(tmp / META_FILE, meta)
-    _fsync_dir(tmp)
-    _replace_dir(tmp, step_dir(checkpoints_dir, info.step))
+    final = step_dir(checkpoints_dir, info.step)
+    tokenizer_bytes = sum(p.stat().st_size for p in tokenizer_dir.rglob("*") if p.is_file())
+    with _writing(tmp, final, need_bytes=_nbytes(state_dict) + tokenizer_bytes):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_config(tmp)
+        tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _copy_tree(tokenizer_dir, tmp)
+        entries = []
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync_file(path)
+            rel = path.relative_to(tmp).as_posix()
+            size, sha = path.stat().st_size, sha256_file(path)
+            entries.append(FileEntry(path=rel, size=size, sha256=sha))
+        meta = CheckpointMeta(
+            stage=info.stage,
+            step=info.step,
+            tokens_seen=info.tokens_seen,
+            samples_seen=info.samples_seen,
+            sample_range=info.sample_range,
+            data_digest=info.data_digest,
+            loss=info.loss,
+            params_digest=info.params_digest,
+            parent_digest=info.parent_digest,
+            files=tuple(entries),
+            checkpoint_digest=sha256_tree({e.path: e.sha256 for e in entries}),
+        )
+        write_json(tmp / META_FILE, meta)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, final)
     return meta
 
 
