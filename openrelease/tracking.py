@@ -346,20 +346,24 @@ class StageTracker:
         )
         if meta.loss is not None:
             self.log_model_metrics(model_key, {"checkpoint_loss": meta.loss}, step=meta.step)
-        self.flush()
+        # Durable now; MLflow gets it with the next timed flush, off the checkpoint's critical path.
+        self.flush(reach_mlflow=False)
 
-    def flush(self, *, force: bool = False) -> None:
+    def flush(self, *, force: bool = False, reach_mlflow: bool = True) -> None:
         """Journal pending operations, write record.json, and try to reach MLflow.
 
         After a failed attempt MLflow is only tried again once the back-off has passed, unless
-        ``force`` (the start and the end of the run).
+        ``force`` (the start and the end of the run). ``reach_mlflow=False`` makes the record
+        durable (journal, record.json) and leaves MLflow to the next timed flush.
         """
         if not self.enabled:
             return
         self.journal.append(self._pending)
         self._pending = []
-        self._last_flush = time.monotonic()
         self.write_record(status="RUNNING")
+        if not reach_mlflow:
+            return
+        self._last_flush = time.monotonic()
         if not force and time.monotonic() < self._offline_until:
             return
         try:

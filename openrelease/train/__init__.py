@@ -182,16 +182,24 @@ def _common_inputs(store: DataStore, project_dir: Path) -> list[InputRecord]:
 
 def _train_recorded(job: TrainJob, ctx: DistContext, tracker: StageTracker) -> TrainReport:
     """`run_training`, with the stage's run closed as finished, killed or failed."""
-    status = "FAILED"
     try:
         report = run_training(job, ctx)
-        status = "KILLED" if report.interrupted else "FINISHED"
-        return report
     except KeyboardInterrupt:
-        status = "KILLED"
+        _finish_quietly(tracker, "KILLED")
         raise
-    finally:
+    except BaseException:
+        _finish_quietly(tracker, "FAILED")
+        raise
+    tracker.finish(status="KILLED" if report.interrupted else "FINISHED")
+    return report
+
+
+def _finish_quietly(tracker: StageTracker, status: str) -> None:
+    """Close the run while another error propagates; never hide that error (e.g. disk full)."""
+    try:
         tracker.finish(status=status)
+    except OSError as exc:
+        logger.warning("could not write the run record (%s); `tracking sync` later", exc)
 
 
 def run_stage(
