@@ -638,8 +638,45 @@ def render_verify_report(report: Any) -> None:
             out.print(f"  {label}: {path}", markup=False, highlight=False)
         if len(paths) > 50:
             out.print(f"  ... and {len(paths) - 50} more {label}", highlight=False)
+    for key in report.signed_by:
+        out.print(f"  signed by {key}", highlight=False)
     for p in report.problems:
         out.print(f"  {p.severity}: [{p.code}] {p.path or '-'}: {p.message}", markup=False)
+
+
+@app.command("keygen")
+@handles_errors
+def keygen_cmd(
+    key: Annotated[Path, typer.Argument(help="Private key file to create (PEM, mode 600).")],
+) -> None:
+    """Create an Ed25519 key pair for signing releases (KEY and KEY.pub)."""
+    from openrelease.signing import generate_key
+
+    pub, kid = generate_key(key)
+    out.print(f"private key: {key}\npublic key:  {pub}\nkey id:      {kid}", highlight=False)
+
+
+@app.command("sign")
+@handles_errors
+def sign_cmd(
+    bundle: Annotated[Path, typer.Argument(help="The release folder to sign.")],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (openrelease keygen).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a release, then sign its MANIFEST.json (signatures/<key id>.sig.json)."""
+    from openrelease.signing import sign_bundle
+    from openrelease.verify import verify_bundle
+
+    report = verify_bundle(bundle)
+    if not report.ok:
+        render_verify_report(report)
+        err.print(f"{bundle} does not verify; not signed", highlight=False)
+        raise typer.Exit(1)
+    path, sig = sign_bundle(bundle, key)
+    if as_json:
+        _print_json(sig)
+    else:
+        out.print(f"signed {bundle}/MANIFEST.json with {sig.key_id} -> {path}", highlight=False)
 
 
 @app.command("verify")
@@ -654,10 +691,21 @@ def verify_cmd(
     num_threads: Annotated[
         int | None, typer.Option("--num-threads", min=1, help="Hashing threads (default: CPUs).")
     ] = None,
+    trusted_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--trusted-key",
+            help="Ed25519 public key (.pub); require a valid signature by it. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Check that a release is exactly what its MANIFEST.json says (exit 1 when not)."""
     if target.startswith("hf:"):
         from openrelease.verify_hub import verify_hub
+
+        if trusted_key:
+            err.print("--trusted-key checks a local bundle; download it first", highlight=False)
+            raise typer.Exit(2)
 
         with err.status(f"reading {target}"):
             report = verify_hub(target[3:], endpoint=endpoint, revision=revision)
@@ -666,7 +714,9 @@ def verify_cmd(
 
         bar, tick = _byte_progress("hashing")
         with bar:
-            report = verify_bundle(Path(target), progress=tick, num_threads=num_threads)
+            report = verify_bundle(
+                Path(target), progress=tick, num_threads=num_threads, trusted_keys=trusted_key
+            )
     if as_json:
         _print_json(report)
     else:

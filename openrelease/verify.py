@@ -21,6 +21,7 @@ from openrelease.digest import sha256_tree
 from openrelease.errors import ArtifactError
 from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
 from openrelease.safetensors_header import read_safetensors_header
+from openrelease.signing import check_signatures
 from openrelease.untrusted import (
     ProgressFn,
     hash_files,
@@ -70,6 +71,8 @@ class VerifyReport(BaseModel):
     changed: list[str] = Field(default_factory=list)
     """Present with a size or sha256 other than MANIFEST.json records."""
     problems: list[Problem] = Field(default_factory=list)
+    signed_by: list[str] = Field(default_factory=list)
+    """Key ids of the valid signatures over MANIFEST.json (``signatures/*.sig.json``)."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -412,13 +415,15 @@ def verify_bundle(
     *,
     progress: ProgressFn | None = None,
     num_threads: int | None = None,
+    trusted_keys: list[Path] | None = None,
 ) -> VerifyReport:
-    """Check every file, header, tokenizer, checkpoint record and mof.yaml path of a bundle.
+    """Check every file, header, tokenizer, checkpoint record, mof.yaml path and signature.
 
     Args:
         bundle_dir: The release folder (with MANIFEST.json at its root).
         progress: Optional callback ``(bytes_done, total_bytes)`` while hashing.
         num_threads: Hashing threads; defaults to the number of CPUs.
+        trusted_keys: Ed25519 public keys; when given, a valid signature by one is required.
 
     Returns:
         A report listing missing, extra and changed files and every problem found.
@@ -442,4 +447,31 @@ def verify_bundle(
     _check_tokenizer(bundle_dir, sizes, report)
     _check_checkpoints(bundle_dir, sizes, digests, report)
     check_mof(bundle_dir, sizes, report)
+    _check_signatures(bundle_dir, report, trusted_keys)
     return report
+
+
+def _check_signatures(
+    bundle_dir: Path, report: VerifyReport, trusted_keys: list[Path] | None
+) -> None:
+    """Every signature must match MANIFEST.json; with trusted keys, one of them must have signed."""
+    checks = check_signatures(bundle_dir, trusted_keys=trusted_keys)
+    for c in checks:
+        if not c.valid:
+            report.add("signature", c.path, c.problem or "invalid signature")
+        elif c.key_id is not None:
+            report.signed_by.append(c.key_id)
+            if not trusted_keys:
+                report.add(
+                    "signature_unpinned",
+                    c.path,
+                    f"valid signature by key {c.key_id}; pass --trusted-key to require a "
+                    "key you trust.",
+                    severity="warning",
+                )
+    if trusted_keys and not any(c.valid and c.trusted for c in checks):
+        report.add(
+            "unsigned",
+            "signatures/",
+            "no valid signature by a --trusted-key; the publisher signs with `openrelease sign`.",
+        )

@@ -1,0 +1,200 @@
+"""Ed25519 signatures over a bundle's MANIFEST.json: keys, signing, and checking.
+
+MANIFEST.json lists the size and sha256 of every other file, so one signature over its bytes
+covers the whole release. Signatures live in ``signatures/<key id>.sig.json`` (outside the
+manifest, so signing never changes the bundle digest, and several parties can co-sign).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from openrelease.digest import sha256_bytes
+from openrelease.errors import ArtifactError, ParamsError
+from openrelease.manifest import write_bytes_atomic, write_json
+from openrelease.untrusted import read_capped
+
+MANIFEST = "MANIFEST.json"
+SIGNATURES = "signatures"
+SUFFIX = ".sig.json"
+MAX_SIGNATURE_BYTES = 64 << 10
+MAX_KEY_BYTES = 16 << 10
+MAX_MANIFEST_BYTES = 64 << 20
+_KEY_ID = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class Signature(BaseModel):
+    """``signatures/<key id>.sig.json``: one Ed25519 signature over MANIFEST.json's bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: Literal[1] = 1
+    algorithm: Literal["ed25519"] = "ed25519"
+    signed_file: Literal["MANIFEST.json"] = "MANIFEST.json"
+    manifest_sha256: str
+    public_key: str
+    """The raw 32-byte public key, base64."""
+    key_id: str
+    """sha256 of the raw public key; pin it with ``verify --trusted-key``."""
+    signature: str
+    """The raw 64-byte signature, base64."""
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """What one signature file showed."""
+
+    path: str
+    key_id: str | None
+    valid: bool
+    trusted: bool
+    problem: str | None
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """``sha256:<hex>`` of the raw public key bytes."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return sha256_bytes(raw)
+
+
+def generate_key(private_path: Path) -> tuple[Path, str]:
+    """Write a new Ed25519 private key (PEM, mode 600) and its public key beside it (``.pub``).
+
+    Returns:
+        The public key path and the key id.
+
+    Raises:
+        ParamsError: ``private_path`` exists (keys are never overwritten).
+    """
+    if private_path.exists():
+        raise ParamsError(f"{private_path} exists; choose another path (keys are not overwritten).")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public = key.public_key()
+    pub_path = private_path.with_name(private_path.name + ".pub")
+    pub_pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    write_bytes_atomic(pub_path, pub_pem)
+    return pub_path, key_id(public)
+
+
+def _load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(
+            read_capped(path, max_bytes=MAX_KEY_BYTES), password=None
+        )
+    except (ValueError, TypeError) as exc:
+        raise ParamsError(
+            f"{path} is not an unencrypted PEM private key ({exc}); make one with "
+            "`openrelease keygen`."
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ParamsError(f"{path} is not an Ed25519 key; make one with `openrelease keygen`.")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Read a PEM Ed25519 public key (the ``.pub`` file `generate_key` writes).
+
+    Raises:
+        ParamsError: The file is not one.
+    """
+    try:
+        key = serialization.load_pem_public_key(read_capped(path, max_bytes=MAX_KEY_BYTES))
+    except ValueError as exc:
+        raise ParamsError(f"{path} is not a PEM public key ({exc}).") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ParamsError(f"{path} is not an Ed25519 public key.")
+    return key
+
+
+def sign_bundle(bundle_dir: Path, private_key: Path) -> tuple[Path, Signature]:
+    """Sign ``bundle_dir/MANIFEST.json``; writes ``signatures/<key id>.sig.json`` atomically.
+
+    Sign after `openrelease verify` passed: the signature vouches for the manifest, and the
+    manifest for every file.
+
+    Raises:
+        ArtifactError: The bundle has no readable MANIFEST.json.
+        ParamsError: The key is not an unencrypted Ed25519 PEM private key.
+    """
+    key = _load_private(private_key)
+    manifest = read_capped(bundle_dir / MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+    public = key.public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    sig = Signature(
+        manifest_sha256=sha256_bytes(manifest),
+        public_key=base64.b64encode(raw).decode(),
+        key_id=key_id(public),
+        signature=base64.b64encode(key.sign(manifest)).decode(),
+    )
+    path = bundle_dir / SIGNATURES / f"{sig.key_id.removeprefix('sha256:')[:16]}{SUFFIX}"
+    write_json(path, sig)
+    return path, sig
+
+
+def _check_one(path: Path, manifest: bytes, trusted: set[str]) -> SignatureCheck:
+    rel = f"{SIGNATURES}/{path.name}"
+    try:
+        sig = Signature.model_validate_json(read_capped(path, max_bytes=MAX_SIGNATURE_BYTES))
+        public = Ed25519PublicKey.from_public_bytes(base64.b64decode(sig.public_key, validate=True))
+        raw_sig = base64.b64decode(sig.signature, validate=True)
+    except (ArtifactError, ValidationError, ValueError) as exc:
+        why = str(exc).splitlines()[0][:200]
+        return SignatureCheck(rel, None, False, False, f"is not a signature file ({why})")
+    kid = key_id(public)
+    if kid != sig.key_id or not _KEY_ID.fullmatch(kid):
+        return SignatureCheck(rel, sig.key_id, False, False, "key_id does not match public_key")
+    try:
+        public.verify(raw_sig, manifest)
+    except InvalidSignature:
+        return SignatureCheck(
+            rel, kid, False, False, "does not match MANIFEST.json (changed after signing)"
+        )
+    return SignatureCheck(rel, kid, True, kid in trusted, None)
+
+
+def check_signatures(
+    bundle_dir: Path, *, trusted_keys: list[Path] | None = None
+) -> list[SignatureCheck]:
+    """Check every ``signatures/*.sig.json`` against MANIFEST.json's bytes.
+
+    Args:
+        bundle_dir: The release folder.
+        trusted_keys: Public keys to trust; a valid signature by another key is not trusted.
+
+    Returns:
+        One check per signature file (empty when the bundle is unsigned).
+
+    Raises:
+        ArtifactError: MANIFEST.json cannot be read.
+        ParamsError: A trusted key file is not an Ed25519 public key.
+    """
+    trusted = {key_id(load_public_key(p)) for p in trusted_keys or []}
+    folder = bundle_dir / SIGNATURES
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    manifest = read_capped(bundle_dir / MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+    return [
+        _check_one(path, manifest, trusted)
+        for path in sorted(folder.iterdir())
+        if path.name.endswith(SUFFIX)
+    ]
