@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,7 @@ class StageTracker:
         self._checkpoints: list[CheckpointMeta] = []
         self._final: dict[str, float] = {}
         self._logged: set[tuple[str | None, str, int, float]] | None = None
+        self._sender: threading.Thread | None = None
         self._git: GitInfo | None = None
         self._env: dict[str, str] = {}
 
@@ -350,11 +352,14 @@ class StageTracker:
         self.flush(reach_mlflow=False)
 
     def flush(self, *, force: bool = False, reach_mlflow: bool = True) -> None:
-        """Journal pending operations, write record.json, and try to reach MLflow.
+        """Journal pending operations, write record.json, and send the journal to MLflow.
 
-        After a failed attempt MLflow is only tried again once the back-off has passed, unless
-        ``force`` (the start and the end of the run). ``reach_mlflow=False`` makes the record
-        durable (journal, record.json) and leaves MLflow to the next timed flush.
+        Timed sends run on a background thread, so training steps never wait on MLflow;
+        ``force`` (the start and the end of the run) waits for it and sends in the foreground,
+        even during a back-off. After
+        a failed attempt MLflow is only tried again once the back-off has passed.
+        ``reach_mlflow=False`` makes the record durable (journal, record.json) and leaves MLflow
+        to the next timed flush.
         """
         if not self.enabled:
             return
@@ -364,8 +369,24 @@ class StageTracker:
         if not reach_mlflow:
             return
         self._last_flush = time.monotonic()
-        if not force and time.monotonic() < self._offline_until:
-            return
+        if force:
+            self._wait_for_sender()
+            self._send()
+        elif time.monotonic() >= self._offline_until and not self._sending():
+            self._sender = threading.Thread(target=self._send, name="openrelease-mlflow")
+            self._sender.daemon = True  # the journal keeps whatever a killed process did not send
+            self._sender.start()
+
+    def _sending(self) -> bool:
+        return self._sender is not None and self._sender.is_alive()
+
+    def _wait_for_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
+
+    def _send(self) -> None:
+        """Apply the journal's pending operations to MLflow; on failure, back off."""
         try:
             drain(self.journal, self.uri)
         except Exception as exc:  # any tracking failure: training must go on, the journal keeps it
