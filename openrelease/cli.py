@@ -24,7 +24,7 @@ from rich.table import Table
 
 from openrelease import __version__
 from openrelease.errors import OpenReleaseError
-from openrelease.params import PipelineParams, StageName, load_params
+from openrelease.params import STAGES, PipelineParams, StageName, load_params
 
 if TYPE_CHECKING:
     from openrelease.reproduce import ReproduceReport
@@ -227,7 +227,8 @@ def summary(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -
     if report.final_metrics:
         keys = sorted({k for m in report.final_metrics.values() for k in m if k != "step"})
         metrics = Table("stage", "step", *keys, title="eval (final checkpoint of each stage)")
-        for stage, m in report.final_metrics.items():
+        order: dict[str, int] = {name: i for i, name in enumerate(STAGES)}
+        for stage, m in sorted(report.final_metrics.items(), key=lambda kv: order.get(kv[0], 99)):
             cells = [f"{m[k]:.4g}" if k in m else "-" for k in keys]
             metrics.add_row(stage, str(int(m.get("step", 0))), *cells)
         out.print(metrics)
