@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torchrun_jobs import finish_job, kill_tree, start_torchrun
 
 from openrelease.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.data.store import DataStore
@@ -230,50 +230,17 @@ def test_grpo_crash_marks_the_run_failed(proj: Path, monkeypatch: pytest.MonkeyP
 # --------------------------------------------------------------------------- 2 ranks, torchrun
 
 
-def _torchrun(project: Path) -> subprocess.Popen[bytes]:
-    entry = project / "entry.py"
-    entry.write_text(ENTRY)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(entry), "grpo"]
-    log = (project / f"torchrun-{time.monotonic_ns()}.log").open("wb")
-    return subprocess.Popen(
-        [*cmd, str(project / "params.yaml"), str(project)],
-        cwd=project,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for children in Path(f"/proc/{pid}").glob("task/*/children"):
-        for child in map(int, children.read_text().split()):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _kill_job(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL torchrun and its workers (they run in sessions of their own)."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _finish(proc: subprocess.Popen[bytes], project: Path) -> None:
-    rc = proc.wait(timeout=180)
-    logs = "\n".join(p.read_text() for p in sorted(project.glob("torchrun-*.log")))
-    assert rc == 0, logs[-3000:]
+def _grpo_job(project: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return start_torchrun(project, ENTRY, "grpo", env=env)
 
 
 @pytest.mark.slow
 def test_two_rank_grpo_killed_and_resumed_matches(proj: Path, tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     shutil.copytree(proj, killed)
-    reference = _torchrun(proj)
-    proc = _torchrun(killed)
+    reference = _grpo_job(proj)
+    proc = _grpo_job(killed)
     metrics = killed / "artifacts/grpo/metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -282,10 +249,10 @@ def test_two_rank_grpo_killed_and_resumed_matches(proj: Path, tmp_path: Path) ->
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    _kill_job(proc)
-    _finish(reference, proj)
+    kill_tree(proc)
+    finish_job(reference, proj)
     assert not (killed / "artifacts/grpo/manifest.json").exists()
-    _finish(_torchrun(killed), killed)
+    finish_job(_grpo_job(killed), killed)
     last_log = sorted(killed.glob("torchrun-*.log"))[-1].read_text()
     assert "resumed grpo from" in last_log
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torchrun_jobs import finish_job, kill_tree, start_torchrun
 
 from openrelease.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.data.store import DataStore
@@ -39,7 +38,6 @@ if __name__ == "__main__":
     report = main_from_cli(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
     sys.exit(143 if report.interrupted else 0)
 """
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def _stage(**kw: object) -> TrainStageParams:
@@ -187,43 +185,6 @@ def test_sigterm_saves_state_and_resume_is_exact(
 # --------------------------------------------------------------------------- 2 ranks, torchrun
 
 
-def _torchrun(project: Path, stage: str = "pretrain") -> subprocess.Popen[bytes]:
-    entry = project / "entry.py"
-    entry.write_text(ENTRY)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(entry), stage]
-    log = (project / f"torchrun-{time.monotonic_ns()}.log").open("wb")
-    return subprocess.Popen(
-        [*cmd, str(project / "params.yaml"), str(project)],
-        cwd=project,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for children in Path(f"/proc/{pid}").glob("task/*/children"):
-        for child in map(int, children.read_text().split()):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _kill_job(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL torchrun and its workers (torchrun starts each worker in a session of its own)."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _finish(proc: subprocess.Popen[bytes], project: Path) -> None:
-    rc = proc.wait(timeout=180)
-    logs = "\n".join(p.read_text() for p in sorted(project.glob("torchrun-*.log")))
-    assert rc == 0, logs[-3000:]
-
-
 def _copy_project(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("artifacts"))
     shutil.copytree(src / "artifacts" / "data", dst / "artifacts" / "data")
@@ -240,9 +201,9 @@ def test_two_rank_fsdp_runs_are_exact_and_resumable(project: Path, tmp_path: Pat
     twin = _copy_project(project, tmp_path / "twin")
     killed = _copy_project(project, tmp_path / "killed")
 
-    runs = [_torchrun(project), _torchrun(twin)]
+    runs = [start_torchrun(project, ENTRY, "pretrain"), start_torchrun(twin, ENTRY, "pretrain")]
     for proc, where in zip(runs, (project, twin), strict=True):
-        _finish(proc, where)
+        finish_job(proc, where)
     losses = [row["loss"] for row in _metrics(project, "pretrain")]
     assert losses[-1] < losses[0] - 0.2
     metas = list_checkpoints(project / "artifacts/pretrain/checkpoints")
@@ -251,7 +212,7 @@ def test_two_rank_fsdp_runs_are_exact_and_resumable(project: Path, tmp_path: Pat
     assert [m.files for m in metas] == [m.files for m in twin_metas]
 
     kill_step = random.Random().randint(2, 7)
-    proc = _torchrun(killed)
+    proc = start_torchrun(killed, ENTRY, "pretrain")
     metrics = killed / "artifacts/pretrain/metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -259,9 +220,9 @@ def test_two_rank_fsdp_runs_are_exact_and_resumable(project: Path, tmp_path: Pat
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
-    _kill_job(proc)
+    kill_tree(proc)
     assert not (killed / "artifacts/pretrain/manifest.json").exists()
-    _finish(_torchrun(killed), killed)
+    finish_job(start_torchrun(killed, ENTRY, "pretrain"), killed)
     assert _final_digest(killed) == _final_digest(project), f"killed at step {kill_step}"
     _check_logits_match_trainer(project, load_params(project / "params.yaml"))
 

@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from cli_checks import assert_clean_error, invoke
+from torchrun_jobs import kill_tree
 
 from openrelease import checkpoint as ckpt
 from openrelease.digest import sha256_file, sha256_tree
@@ -275,29 +276,13 @@ def _wait_parked(proc: subprocess.Popen[bytes], project: Path) -> None:
         time.sleep(0.01)
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for children in Path(f"/proc/{pid}").glob("task/*/children"):
-        for child in map(int, children.read_text().split()):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def _sigkill(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process and anything it started, by PID; reap it."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
 def _finish(project: Path, stage: str, hook_dir: Path) -> dict[str, int]:
     """Run the stage to the end through the CLI (no fault); return its ``--json`` report."""
     proc = _cli(project, stage, hook_dir, name="resume")
     try:
         rc = proc.wait(timeout=WAIT_S)
     finally:
-        _sigkill(proc)
+        kill_tree(proc, timeout=30)
     assert rc == 0, _logs(project)
     report: dict[str, int] = json.loads((project / "resume.out").read_text())
     return report
@@ -341,7 +326,7 @@ def _kill_and_resume(
         partials = _partials(project, point.stage)
         state_step = _latest_state_step(project, point.stage)
     finally:
-        _sigkill(proc)
+        kill_tree(proc, timeout=30)
     problems = [] if proc.returncode == -signal.SIGKILL else [f"exit {proc.returncode}"]
     tmp = f"{ckpt.TMP_PREFIX}step-{point.step}"
     root = ckpt.stage_dir(project, point.stage)
@@ -403,7 +388,7 @@ def test_sigterm_saves_the_current_step_and_exits_143(
         (project / "parked.go-on").touch()
         rc = proc.wait(timeout=WAIT_S)
     finally:
-        _sigkill(proc)
+        kill_tree(proc, timeout=30)
     assert rc == 143, _logs(project)
     root = ckpt.stage_dir(project, "pretrain")
     assert read_json(root / "states/step-3" / ckpt.STATE_FILE)["step"] == 3
