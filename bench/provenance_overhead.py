@@ -1,11 +1,11 @@
 """Provenance overhead: the same tiny pretrain with recording on and off, side by side.
 
 Recording on is `openrelease.train.run_stage` (StageTracker: MLflow through the journal, plus
-record.json). Recording off builds the same TrainJob the same way, with ``recorder=None`` and no
-tracker, and calls `run_training`. Runs alternate on/off in one process after one warm-up pair
-(so imports are paid by neither side); each run starts from the same fresh project (no training
-state, a copy of one migrated SQLite store). Prints one JSON line: medians, their ratio
-(goal <= 1.02) and where the recording time went.
+record.json); recording off is the same call with ``record=False`` (no tracker, no recorder).
+Runs alternate on/off in one process after one warm-up pair (so imports are paid by neither
+side); each run starts from the same fresh project (no training state, a copy of one migrated
+SQLite store). Prints one JSON line: medians, their ratio (goal <= 1.02) and where the
+recording time went.
 
 Run: python bench/provenance_overhead.py [--steps 60] [--repeats 5] [--out FILE]
 """
@@ -31,17 +31,12 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import AutoTokenizer
 
 from openrelease import checkpoint as ckpt
 from openrelease import train
 from openrelease.data.stage import build_data
-from openrelease.data.store import DataStore
-from openrelease.model import SpecialTokens
-from openrelease.params import PipelineParams, StageName, load_params
+from openrelease.params import load_params
 from openrelease.tracking import StageTracker
-from openrelease.train import distributed
-from openrelease.train.loop import TrainJob, TrainReport, run_training
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRACKER_METHODS = ("__init__", "start", "log_metrics", "log_checkpoint", "finish")
@@ -79,37 +74,6 @@ def make_project(root: Path, *, steps: int) -> Path:
     return project
 
 
-def run_unrecorded(params: PipelineParams, *, project_dir: Path) -> TrainReport:
-    """`run_stage("pretrain")` without its StageTracker: the same TrainJob, ``recorder=None``."""
-    stage: StageName = "pretrain"
-    store = DataStore(project_dir / params.data.out_dir)
-    ctx = distributed.init_distributed(params.compute)
-    try:
-        setup = train.STAGE_SETUPS[stage](params, store, project_dir, ctx)
-        tok = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
-        job = TrainJob(
-            stage=stage,
-            params=params.stage(stage),
-            model=params.model,
-            compute=params.compute,
-            seed=params.seed,
-            project_dir=project_dir,
-            source=setup.source,
-            data_digest=store.manifest.data_digest,
-            tokenizer_dir=store.tokenizer_dir,
-            vocab_size=len(tok),
-            special=SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id),
-            params_digest=train.stage_params_digest(params, stage),
-            init_checkpoint=setup.init_checkpoint,
-            init_digest=setup.init_digest,
-            objective=setup.objective,
-            recorder=None,
-        )
-        return run_training(job, ctx)
-    finally:
-        distributed.teardown()
-
-
 def one_run(template: Path, work: Path, *, recorded: bool) -> tuple[float, str, dict[str, float]]:
     """Wall seconds of one pretrain run in ``work``, a new copy of ``template``; its digest.
 
@@ -119,10 +83,7 @@ def one_run(template: Path, work: Path, *, recorded: bool) -> tuple[float, str, 
     params = load_params(work / "params.yaml")
     spent.clear()
     t0 = time.perf_counter()
-    if recorded:
-        report = train.run_stage("pretrain", params, project_dir=work)
-    else:
-        report = run_unrecorded(params, project_dir=work)
+    report = train.run_stage("pretrain", params, project_dir=work, record=recorded)
     seconds = time.perf_counter() - t0
     assert report.final_step == params.pretrain.num_steps
     assert not report.interrupted
