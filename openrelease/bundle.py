@@ -58,7 +58,8 @@ from openrelease.params import (
     TrainStageParams,
     load_params,
 )
-from openrelease.sbom import BomDataset, BomModel, journal_dir, ml_bom, release_source
+from openrelease.sbom import BomDataset, BomModel, ml_bom, release_source
+from openrelease.tracking_journal import journal_dir
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from openrelease.digest import bare_hex, sha256_json
 from openrelease.errors import ProvenanceError
 from openrelease.manifest import StageRecord
 from openrelease.tracking import pip_freeze
+from openrelease.tracking_journal import journal_dir
 
 SPEC_VERSION = "1.6"
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([^\s;]+)|@\s*(\S+))")
@@ -230,11 +231,6 @@ class SourceTree:
     requirements: str = ""
     """The recorded pip freeze (code/requirements.txt)."""
     warnings: list[str] = field(default_factory=list)
-
-
-def journal_dir(project_dir: Path, run_key: str) -> Path:
-    """The tracking journal of a recorded run (its MLflow operations, pip freeze, git diff)."""
-    return project_dir / ".openrelease" / "journal" / run_key.replace(":", "-")
 
 
 def _git(cwd: Path, *args: str) -> bytes | None:

@@ -32,7 +32,7 @@ from openrelease.manifest import (
     write_text_atomic,
 )
 from openrelease.params import PipelineParams
-from openrelease.tracking_journal import Journal, drain, now_ms
+from openrelease.tracking_journal import JOURNALS, Journal, drain, journal_dir, now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,7 @@ class StageTracker:
         self.uri = tracking_uri(project_dir)
         self.pipeline_key = pipeline_key(project_dir, params)
         self.run_key = f"{self.pipeline_key}:{stage}"
-        self.journal = Journal(
-            project_dir / ".openrelease" / "journal" / self.run_key.replace(":", "-")
-        )
+        self.journal = Journal(journal_dir(project_dir, self.run_key))
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._offline_until = 0.0
@@ -448,12 +446,12 @@ def sync_journals(project_dir: Path) -> SyncReport:
     uri = tracking_uri(project_dir)
     applied: dict[str, int] = {}
     failed: dict[str, str] = {}
-    root = project_dir / ".openrelease" / "journal"
-    for journal_dir in sorted(p for p in root.glob("*") if p.is_dir()):
+    root = project_dir / JOURNALS
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
         try:
-            applied[journal_dir.name] = drain(Journal(journal_dir), uri)
+            applied[folder.name] = drain(Journal(folder), uri)
         except Exception as exc:  # report per journal; the others may still sync
-            failed[journal_dir.name] = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+            failed[folder.name] = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
     return SyncReport(applied=applied, failed=failed)
 
 

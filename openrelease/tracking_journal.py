@@ -20,6 +20,13 @@ logger = logging.getLogger(__name__)
 RUN_KEY_TAG = "openrelease.run_key"
 MODEL_KEY_TAG = "openrelease.model_key"
 EXPERIMENT = "openrelease"
+JOURNALS = Path(".openrelease") / "journal"
+"""Where a project keeps its journals, one folder per stage run."""
+
+
+def journal_dir(project_dir: Path, run_key: str) -> Path:
+    """The journal folder of run ``run_key`` (also holds its pip freeze and git diff)."""
+    return project_dir / JOURNALS / run_key.replace(":", "-")
 
 
 class Journal:
