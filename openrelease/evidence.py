@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from openrelease.errors import ArtifactError, OpenReleaseError
-from openrelease.manifest import BundleManifest, CheckpointMeta
+from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
 from openrelease.mof import UNLICENSED, MotDocument, mof_components, normalize_license
 from openrelease.params import parse_yaml
 from openrelease.safetensors_header import read_safetensors_header
@@ -24,7 +24,6 @@ from openrelease.untrusted import (
     parse_json_bytes,
     printable_name,
     unsafe_path_reason,
-    validate_model,
 )
 from openrelease.verify import Problem
 

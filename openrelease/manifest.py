@@ -71,19 +71,27 @@ def read_json(path: Path) -> Any:
         ) from None
 
 
-def read_model(path: Path, model: type[ModelT]) -> ModelT:
-    """Read ``path`` and validate it against the pydantic schema ``model``."""
-    raw = read_json(path)
+def validate_model(raw: Any, model: type[ModelT], *, where: str, fix: str = "") -> ModelT:
+    """Validate ``raw`` against ``model``; the first schema error becomes an `ArtifactError`.
+
+    ``fix`` (e.g. "; re-run the stage that writes it") ends the message.
+    """
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "<root>"
         raise ArtifactError(
-            f"{path} does not match the {model.__name__} schema at {loc}: {first['msg']}; "
-            "re-run the stage that writes it.",
-            path=str(path),
+            f"{where} does not match the {model.__name__} schema at {loc}: {first['msg']}{fix}.",
+            path=where,
         ) from None
+
+
+def read_model(path: Path, model: type[ModelT]) -> ModelT:
+    """Read ``path`` and validate it against the pydantic schema ``model``."""
+    return validate_model(
+        read_json(path), model, where=str(path), fix="; re-run the stage that writes it"
+    )
 
 
 # --------------------------------------------------------------------------- schemas

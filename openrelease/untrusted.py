@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from openrelease.digest import PREFIX
 from openrelease.errors import ArtifactError
+from openrelease.manifest import validate_model
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -75,19 +76,6 @@ def parse_json_bytes(data: bytes, *, where: str) -> Any:
         raise ArtifactError(f"{where} is JSON nested too deeply to read.", path=where) from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{where} is not valid JSON ({exc}).", path=where) from None
-
-
-def validate_model(raw: Any, model: type[ModelT], *, where: str) -> ModelT:
-    """Validate ``raw`` against ``model``; the first schema error becomes an `ArtifactError`."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise ArtifactError(
-            f"{where} does not match the {model.__name__} schema at {loc}: {first['msg']}.",
-            path=where,
-        ) from None
 
 
 def read_model_capped(

@@ -22,13 +22,12 @@ from huggingface_hub.hf_api import RepoFile
 
 from openrelease.digest import PREFIX, sha256_bytes
 from openrelease.errors import ArtifactError
-from openrelease.manifest import BundleManifest, CheckpointMeta
+from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
 from openrelease.untrusted import (
     ModelT,
     parse_json_bytes,
     read_capped,
     unsafe_path_reason,
-    validate_model,
 )
 from openrelease.verify import (
     MANIFEST,
