@@ -820,6 +820,14 @@ def publish_cmd(
 ) -> None:
     """Publish a verified release to the Hugging Face Hub (checkpoints as branches, data repo)."""
     from openrelease.publish import publish_bundle
+    from openrelease.verify import verify_bundle
+
+    verified: dict[Path, Any] = {}
+
+    def verify_once(path: Path) -> Any:  # the plan and the publish share one hashing pass
+        if path not in verified:
+            verified[path] = verify_bundle(path)
+        return verified[path]
 
     if not (dry_run or yes or as_json):
         plan = publish_bundle(
@@ -827,6 +835,7 @@ def publish_cmd(
             repo_id=repo_id,
             endpoint=endpoint,
             dry_run=True,
+            verify=verify_once,
             require_class=require_class.number if require_class else None,
         )
         _render_publish(plan)
@@ -841,6 +850,7 @@ def publish_cmd(
             private=private,
             revision_tag=tag,
             dry_run=dry_run,
+            verify=verify_once,
             require_class=require_class.number if require_class else None,
             progress=tick,
         )

@@ -109,3 +109,27 @@ def test_train_dry_run_prints_launcher(project: Path) -> None:
 
 def test_train_unknown_stage_is_usage_error() -> None:
     assert runner.invoke(app, ["train", "nope"]).exit_code == 2
+
+
+def test_publish_confirmation_shows_the_plan_and_hashes_the_bundle_once(
+    bundle: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openrelease import verify
+
+    calls: list[Path] = []
+    real = verify.verify_bundle
+
+    def counting(path: Path, **kw: object) -> object:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(verify, "verify_bundle", counting)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    args = ["publish", str(bundle), "--repo-id", f"{USER}/asked", "--endpoint", hub.endpoint]
+    declined = runner.invoke(app, args, input="n\n")
+    assert declined.exit_code == 1 and "would upload" in declined.stdout
+    assert not hub.requests("POST")
+    calls.clear()
+    done = runner.invoke(app, args, input="y\n")
+    assert done.exit_code == 0, done.output
+    assert "uploaded" in done.stdout and len(calls) == 1
