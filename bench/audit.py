@@ -18,9 +18,9 @@ import numpy as np
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from safetensors.numpy import save_file
 
+from openrelease.audit.mof import mof_components, mof_release_yaml
 from openrelease.digest import sha256_bytes, sha256_file, sha256_tree
 from openrelease.manifest import BundleManifest, CheckpointMeta, FileEntry, write_json
-from openrelease.mof import mof_components, mof_release_yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hubserver import TOKEN, USER, serve_hub
@@ -29,10 +29,10 @@ REPO = f"{USER}/bench-release"
 TEXTS = {
     "README.md": "---\nlicense: apache-2.0\n---\n# bench\n",
     "LICENSES/Apache-2.0.txt": "Apache License\nVersion 2.0, January 2004\n",
-    "code/openrelease/model.py": "class Model: ...\n",
+    "code/openrelease/train/model.py": "class Model: ...\n",
     "code/openrelease/data/stage.py": "def prepare(): ...\n",
     "code/openrelease/train/loop.py": "def train(): ...\n",
-    "code/openrelease/evaluation.py": "def evaluate(): ...\n",
+    "code/openrelease/eval/stage.py": "def evaluate(): ...\n",
     "sbom/bom.cdx.json": '{"bomFormat": "CycloneDX"}\n',
     "data/croissant.json": '{"@type": "sc:Dataset", "license": "Apache-2.0"}\n',
     "data/eval_problems.jsonl": '{"q": "1+1"}\n',
@@ -43,7 +43,7 @@ TEXTS = {
     "docs/research_paper.md": "# Paper\n",
     "configs/params.yaml": "seed: 0\n",
 }
-PATHS = {"Inference code": "code/openrelease/evaluation.py"}
+PATHS = {"Inference code": "code/openrelease/eval/stage.py"}
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
@@ -131,7 +131,7 @@ def main() -> None:
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     constants.HF_HUB_DISABLE_XET = True
     constants.HF_HUB_DISABLE_TELEMETRY = True
-    from openrelease.audit import audit_folder, audit_hub_repo
+    from openrelease.audit.report import audit_folder, audit_hub_repo
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["HF_HOME"] = str(Path(tmp) / "hf_home")

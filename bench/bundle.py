@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from openrelease import bundle as bundle_mod
-from openrelease.bundle import BundleReport, build_bundle
 from openrelease.params import PipelineParams, RetentionParams, load_params, validate_params
+from openrelease.release import bundle as bundle_mod
+from openrelease.release.bundle import BundleReport, build_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def _params(hidden_size: int, num_layers: int) -> PipelineParams:
 
 def _workspace(project: Path, params: PipelineParams) -> None:
     from openrelease.data.stage import run_data_stage
-    from openrelease.evaluation import run_eval_stage
+    from openrelease.eval.stage import run_eval_stage
     from openrelease.train import run_stage
 
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))

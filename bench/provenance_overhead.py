@@ -32,11 +32,11 @@ from typing import Any
 import torch
 import yaml
 
-from openrelease import checkpoint as ckpt
 from openrelease import train
 from openrelease.data.stage import build_data
 from openrelease.params import load_params
-from openrelease.tracking import StageTracker
+from openrelease.record.tracking import StageTracker
+from openrelease.train import checkpoint as ckpt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRACKER_METHODS = ("__init__", "start", "log_metrics", "log_checkpoint", "finish")

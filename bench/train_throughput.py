@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from openrelease.model import SpecialTokens, build_model, count_params, flops_per_token
 from openrelease.params import ComputeParams, ModelParams, TrainStageParams
 from openrelease.train import distributed
 from openrelease.train.loop import MicroBatch, TrainJob, run_training
+from openrelease.train.model import SpecialTokens, build_model, count_params, flops_per_token
 
 BIG = ModelParams(
     hidden_size=2048,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.manifest import BundleManifest, FileEntry, write_json
-from openrelease.verify import verify_bundle
+from openrelease.verify.bundle import verify_bundle
 
 
 def _make_bundle(bundle_dir: Path, *, num_files: int, file_mb: int) -> list[Path]:

@@ -12,9 +12,15 @@ from hubserver import TOKEN, USER, HubServer
 from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.numpy import save_file
 
-from openrelease.audit import AuditReport, audit, audit_folder, audit_hub_repo, audit_mot_yaml
+from openrelease.audit.mof import mof_components, mof_release_yaml, parse_mot_yaml, score_release
+from openrelease.audit.report import (
+    AuditReport,
+    audit,
+    audit_folder,
+    audit_hub_repo,
+    audit_mot_yaml,
+)
 from openrelease.errors import ArtifactError
-from openrelease.mof import mof_components, mof_release_yaml, parse_mot_yaml, score_release
 
 ASSETS = Path(__file__).parent / "assets" / "mof"
 REPO = f"{USER}/tiny-open-llm"
@@ -25,11 +31,11 @@ LICENSE_TEXTS = {
 }
 # Our bundle layout (DESIGN.md): component -> (license, path)
 LAYOUT = {
-    "Model architecture": ("Apache-2.0", "code/openrelease/model.py"),
+    "Model architecture": ("Apache-2.0", "code/openrelease/train/model.py"),
     "Data preprocessing code": ("Apache-2.0", "code/openrelease/data"),
     "Training code": ("Apache-2.0", "code/openrelease/train"),
-    "Inference code": ("Apache-2.0", "code/openrelease/evaluation.py"),
-    "Evaluation code": ("Apache-2.0", "code/openrelease/evaluation.py"),
+    "Inference code": ("Apache-2.0", "code/openrelease/eval/stage.py"),
+    "Evaluation code": ("Apache-2.0", "code/openrelease/eval/stage.py"),
     "Supporting libraries and tools": ("Apache-2.0", "sbom/bom.cdx.json"),
     "Model parameters (Final)": ("Apache-2.0", "model"),
     "Model parameters (Intermediate)": ("Apache-2.0", "checkpoints"),
@@ -53,10 +59,10 @@ model-index:
 # tiny-open-llm
 """
 FILES = {
-    "code/openrelease/model.py": "class Model: ...\n",
+    "code/openrelease/train/model.py": "class Model: ...\n",
     "code/openrelease/data/stage.py": "def prepare(): ...\n",
     "code/openrelease/train/loop.py": "def train(): ...\n",
-    "code/openrelease/evaluation.py": "def generate(): ...\n",
+    "code/openrelease/eval/stage.py": "def generate(): ...\n",
     "sbom/bom.cdx.json": '{"bomFormat": "CycloneDX", "specVersion": "1.6"}\n',
     "data/eval_problems.jsonl": '{"q": "1+1", "a": "2"}\n',
     "data/pretrain_docs.jsonl": '{"text": "hello"}\n',
@@ -147,7 +153,7 @@ def test_removing_eval_results_drops_the_class_and_names_them(release: Path) -> 
 
 
 def test_removing_eval_code_gives_class_iii(release: Path) -> None:
-    (release / "code" / "openrelease" / "evaluation.py").unlink()
+    (release / "code" / "openrelease" / "eval" / "stage.py").unlink()
     write_manifest(release)
     report = audit_folder(release)
     assert report.mof_class == 3

@@ -13,14 +13,14 @@ import pytest
 import yaml
 from project_paths import TEST_PARAMS
 
-from openrelease import bundle_files as bundle_mod
-from openrelease.audit import audit
-from openrelease.bundle import BundleReport, build_bundle
+from openrelease.audit.mof import load_mot_yaml, score_release
+from openrelease.audit.report import audit
 from openrelease.errors import ArtifactError, ParamsError, ProvenanceError
 from openrelease.manifest import BundleManifest, read_model
-from openrelease.mof import load_mot_yaml, score_release
 from openrelease.params import PipelineParams, load_params
-from openrelease.verify import verify_bundle
+from openrelease.release import files as bundle_mod
+from openrelease.release.bundle import BundleReport, build_bundle
+from openrelease.verify.bundle import verify_bundle
 
 SECRET = "hf_" + "Xy7" * 12
 STAGES_RUN = ("pretrain", "sft")
@@ -30,7 +30,7 @@ STAGES_RUN = ("pretrain", "sft")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project after `dvc repro data pretrain sft eval` (in-process, one rank, ~10 s)."""
     from openrelease.data.stage import run_data_stage
-    from openrelease.evaluation import run_eval_stage
+    from openrelease.eval.stage import run_eval_stage
     from openrelease.train import run_stage
 
     project = tmp_path_factory.mktemp("bundle-workspace")
@@ -117,7 +117,7 @@ def test_bundle_layout(built: tuple[Path, BundleReport], workspace: Path) -> Non
         "data/order.json",
         "data/eval_problems.jsonl",
         "data/pretrain/shard-00000.npy",
-        "code/openrelease/model.py",
+        "code/openrelease/train/model.py",
         "code/openrelease/train/loop.py",
         "code/requirements.txt",
         "code/SOURCE.json",
@@ -419,7 +419,7 @@ def test_git_workspace_ships_the_committed_source(ws: Path, tmp_path: Path) -> N
     source = json.loads((out / "code/SOURCE.json").read_text())
     assert (source["kind"], source["commit"]) == ("git-archive", head.stdout.strip())
     assert (out / "code/params.yaml").read_bytes() == (ws / "params.yaml").read_bytes()
-    assert (out / "code/openrelease/model.py").is_file()  # the package is not in this repo
+    assert (out / "code/openrelease/train/model.py").is_file()  # the package is not in this repo
     assert audit(str(out)).mof_class == 1
 
 
@@ -431,9 +431,9 @@ def test_real_bundle_publishes_verifies_and_loads_from_a_branch(
     from huggingface_hub import snapshot_download
     from transformers import AutoModelForCausalLM
 
-    from openrelease.audit import audit_hub_repo
-    from openrelease.publish import publish_bundle
-    from openrelease.verify_hub import verify_hub
+    from openrelease.audit.report import audit_hub_repo
+    from openrelease.release.publish import publish_bundle
+    from openrelease.verify.hub import verify_hub
 
     out, _ = built
     repo = f"{USER}/tiny-trained"

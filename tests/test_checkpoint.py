@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from openrelease import checkpoint as ckpt
 from openrelease.data.store import DataStore
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.errors import ArtifactError
 from openrelease.manifest import CheckpointMeta
-from openrelease.model import SpecialTokens, build_model, save_model_config
 from openrelease.params import ComputeParams, ModelParams
+from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
+from openrelease.train.model import SpecialTokens, build_model, save_model_config
 
 MODEL = ModelParams(
     hidden_size=32,
@@ -150,7 +150,7 @@ from pathlib import Path
 
 import torch
 
-from openrelease.checkpoint import CheckpointInfo, write_release_checkpoint
+from openrelease.train.checkpoint import CheckpointInfo, write_release_checkpoint
 
 root, tok = Path(sys.argv[1]), Path(sys.argv[2])
 big = {f"w{i}": torch.zeros(4096, 4096) for i in range(16)}  # 1 GiB: slow enough to interrupt

@@ -114,7 +114,7 @@ def test_train_unknown_stage_is_usage_error() -> None:
 def test_publish_confirmation_shows_the_plan_and_hashes_the_bundle_once(
     bundle: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from openrelease import verify
+    from openrelease.verify import bundle as verify
 
     calls: list[Path] = []
     real = verify.verify_bundle

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from openrelease.checkpoint import final_checkpoint
 from openrelease.data.store import DataStore
 from openrelease.digest import hash_folder, sha256_file, sha256_tree
 from openrelease.errors import DataError
-from openrelease.lineage import lineage
 from openrelease.manifest import StageManifest, StageRecord, read_model
 from openrelease.params import PipelineParams, TeacherParams
+from openrelease.record.lineage import lineage
 from openrelease.train import distill, run_stage
+from openrelease.train.checkpoint import final_checkpoint
 from openrelease.train.distill import TeacherRecord, distill_pairs, prepare_traces
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from openrelease.digest import hash_folder, sha256_tree
-from openrelease.evaluation import EvalResult, run_eval_stage
+from openrelease.eval.stage import EvalResult, run_eval_stage
 from openrelease.manifest import CheckpointMeta, FileEntry, StageManifest, write_json
 from openrelease.params import PipelineParams
 
@@ -133,7 +133,7 @@ def test_response_text_keeps_think_tags_and_stops_at_eos(data_dir: Path) -> None
     from transformers import AutoTokenizer
 
     from openrelease.data.tasks import has_reasoning_format
-    from openrelease.evaluation import _response_text
+    from openrelease.eval.stage import _response_text
 
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
     ids = tok.encode("<think>2 + 2 = 4.</think> The answer is 4.", add_special_tokens=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openrelease.params import GRPOParams
-from openrelease.train.grpo import (
+from openrelease.train.rl import (
     clipped_objective,
     correctness_reward,
     format_reward,

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from torchrun_jobs import finish_job, kill_tree, start_torchrun
 
-from openrelease.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.data.store import DataStore
 from openrelease.manifest import StageRecord, read_model
 from openrelease.params import PipelineParams, load_params
-from openrelease.train import grpo, run_stage
+from openrelease.train import rl, run_stage
+from openrelease.train.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.train.distributed import DistContext
 from openrelease.train.loop import TrainJob
 
@@ -32,7 +32,7 @@ import logging
 import sys
 from pathlib import Path
 
-from openrelease.train import grpo, main_from_cli
+from openrelease.train import rl, main_from_cli
 
 
 def variety(text, answer, num_tokens):
@@ -40,7 +40,7 @@ def variety(text, answer, num_tokens):
 
 
 if __name__ == "__main__":
-    grpo.REWARDS["length"] = variety  # a reward that varies between random rollouts
+    rl.REWARDS["length"] = variety  # a reward that varies between random rollouts
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = main_from_cli(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
     sys.exit(143 if report.interrupted else 0)
@@ -86,7 +86,7 @@ def proj(distilled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     dst = tmp_path / "proj"
     shutil.copytree(distilled, dst)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setitem(grpo.REWARDS, "length", variety)
+    monkeypatch.setitem(rl.REWARDS, "length", variety)
     monkeypatch.chdir(dst)
     return dst
 
@@ -271,7 +271,7 @@ def test_two_rank_grpo_killed_and_resumed_matches(proj: Path, tmp_path: Path) ->
 def test_prompt_source_renders_and_left_pads(data_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from openrelease.train.grpo_stage import PromptSource
+    from openrelease.train.grpo import PromptSource
 
     store = DataStore(data_dir)
     tok = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))

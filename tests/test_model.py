@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from openrelease.model import (
+from openrelease.params import ModelParams
+from openrelease.train.model import (
     SpecialTokens,
     build_model,
     count_params,
@@ -15,7 +16,6 @@ from openrelease.model import (
     flops_per_token,
     save_model_config,
 )
-from openrelease.params import ModelParams
 
 
 def _params(**kw: object) -> ModelParams:

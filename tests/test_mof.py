@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 import openrelease
-from openrelease.errors import ArtifactError, OpenReleaseError, ParamsError
-from openrelease.mof import (
+from openrelease.audit.mof import (
     MotDocument,
     is_open_license,
     license_lists,
@@ -24,6 +23,7 @@ from openrelease.mof import (
     score_licenses,
     score_release,
 )
+from openrelease.errors import ArtifactError, OpenReleaseError, ParamsError
 
 ASSETS = Path(__file__).parent / "assets" / "mof"
 
@@ -70,7 +70,7 @@ def test_fixtures_match_mot_regression_floats_exactly() -> None:
 
 
 def test_packaged_license_data_equals_the_mot_extract() -> None:
-    packaged = resources.files("openrelease.mof_data")
+    packaged = resources.files("openrelease.audit.mof_data")
     assert Path(str(packaged)).is_relative_to(Path(openrelease.__file__).parent)
     text = packaged.joinpath("licenses.yaml").read_text(encoding="utf-8")
     assert yaml.safe_load(text) == yaml.safe_load((ASSETS / "licenses.yaml").read_text())

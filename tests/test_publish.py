@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download
 
 from openrelease.errors import PublishError
 from openrelease.manifest import BundleManifest, read_model
-from openrelease.publish import PublishReport, publish_bundle
+from openrelease.release.publish import PublishReport, publish_bundle
 
 REPO = f"{USER}/tiny-open-llm"
 

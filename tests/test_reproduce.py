@@ -13,11 +13,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from openrelease.bundle import build_bundle
 from openrelease.errors import ArtifactError
 from openrelease.manifest import BundleManifest, ReproCertificate, read_model
 from openrelease.params import load_params
-from openrelease.reproduce import certify, reproduce
+from openrelease.release.bundle import build_bundle
+from openrelease.reproduce.run import certify, reproduce
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> Pa
 
     Treat as read-only: tests that change it work on a copy.
     """
-    from openrelease.evaluation import run_eval_stage
+    from openrelease.eval.stage import run_eval_stage
     from openrelease.train import run_stage
 
     project = tmp_path_factory.mktemp("reproduce") / "ws"
@@ -180,7 +180,7 @@ def test_certificate_goes_into_the_bundle_and_a_bundle_replays(ws: Path, tmp_pat
 def test_two_process_run_replays_under_torchrun(project: Path) -> None:
     # Recorded by the replay worker run to the end: `openrelease train` minus MLflow (10 s less).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "openrelease.train.replay", "pretrain", str(project), "8", "report.json"]
+    cmd += ["-m", "openrelease.reproduce.replay", "pretrain", str(project), "8", "report.json"]
     done = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (project / "artifacts/pretrain/manifest.json").is_file()

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from openrelease.errors import ArtifactError
-from openrelease.safetensors_header import read_safetensors_header
+from openrelease.verify.safetensors_header import read_safetensors_header
 
 
 def _raw(path: Path, header: bytes, data: bytes = b"", *, claimed: int | None = None) -> Path:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from openrelease.cli import app
 from openrelease.errors import ParamsError
-from openrelease.signing import check_signatures, generate_key, sign_bundle
-from openrelease.verify import verify_bundle
+from openrelease.verify.bundle import verify_bundle
+from openrelease.verify.signing import check_signatures, generate_key, sign_bundle
 
 runner = CliRunner()
 

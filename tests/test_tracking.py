@@ -14,7 +14,7 @@ import pytest
 
 from openrelease.manifest import CheckpointMeta, FileEntry
 from openrelease.params import PipelineParams
-from openrelease.tracking import StageTracker, input_for_file, redact, sync_journals
+from openrelease.record.tracking import StageTracker, input_for_file, redact, sync_journals
 
 SECRET = "hf_" + "Zq8" * 12
 

@@ -16,12 +16,12 @@ import torch
 import yaml
 from torchrun_jobs import finish_job, kill_tree, start_torchrun
 
-from openrelease.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.data.store import DataStore
 from openrelease.errors import ParamsError
 from openrelease.manifest import StageManifest, read_model
 from openrelease.params import PipelineParams, TrainStageParams, load_params
 from openrelease.train import main_from_cli, run_stage
+from openrelease.train.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.train.distributed import DistContext
 from openrelease.train.loop import IGNORE_INDEX, lr_at
 from openrelease.train.sft import ChatSource
@@ -232,7 +232,7 @@ def _check_logits_match_trainer(project: Path, params: PipelineParams) -> None:
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    from openrelease.model import build_model
+    from openrelease.train.model import build_model
 
     folder = project / "artifacts/pretrain/checkpoints/step-4"
     hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()

@@ -18,10 +18,10 @@ from bundle_factory import (
 )
 from tokenizers import Tokenizer
 
-from openrelease import verify
 from openrelease.errors import ArtifactError
 from openrelease.manifest import CheckpointMeta, read_model
-from openrelease.verify import VerifyReport, verify_bundle
+from openrelease.verify import bundle as verify
+from openrelease.verify.bundle import VerifyReport, verify_bundle
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,8 @@ def test_fifo_does_not_hang(bundle: Path) -> None:
 
 def test_verify_and_hub_modules_never_import_torch() -> None:
     code = (
-        "import sys, openrelease.verify, openrelease.verify_hub, openrelease.safetensors_header;"
+        "import sys, openrelease.verify.bundle, openrelease.verify.hub,"
+        " openrelease.verify.safetensors_header;"
         "print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,9 +10,9 @@ from huggingface_hub import CommitOperationAdd, HfApi
 
 from openrelease.errors import ArtifactError
 from openrelease.manifest import BundleManifest, CheckpointMeta, read_model
-from openrelease.publish import publish_bundle
-from openrelease.verify import VerifyReport, verify_bundle
-from openrelease.verify_hub import verify_hub
+from openrelease.release.publish import publish_bundle
+from openrelease.verify.bundle import VerifyReport, verify_bundle
+from openrelease.verify.hub import verify_hub
 
 REPO = f"{USER}/tiny-open-llm"
 

@@ -295,7 +295,7 @@ def run_data_stage(
 ) -> DataManifest:
     """The DVC `data` stage: build the data and record the run (MLflow + record.json)."""
     from openrelease.manifest import InputRecord
-    from openrelease.tracking import StageTracker
+    from openrelease.record.tracking import StageTracker
 
     out_dir = project_dir / params.data.out_dir
     tracker = StageTracker("data", params=params, project_dir=project_dir, out_dir=out_dir)

@@ -13,16 +13,15 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from openrelease import checkpoint as ckpt
-from openrelease.checkpoint import final_checkpoint
 from openrelease.data.store import DataStore
 from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
 from openrelease.manifest import InputRecord, read_model
-from openrelease.model import SpecialTokens
 from openrelease.params import PipelineParams, StageName, load_params
-from openrelease.tracking import StageTracker
+from openrelease.record.tracking import StageTracker
+from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
+from openrelease.train.checkpoint import final_checkpoint
 from openrelease.train.distill import (
     TEACHER_FILE,
     TRACES_FILE,
@@ -31,8 +30,9 @@ from openrelease.train.distill import (
     prepare_traces,
 )
 from openrelease.train.distributed import DistContext
-from openrelease.train.grpo_stage import GRPOObjective, PromptSource
+from openrelease.train.grpo import GRPOObjective, PromptSource
 from openrelease.train.loop import TrainJob, TrainReport, run_training
+from openrelease.train.model import SpecialTokens
 from openrelease.train.objective import BatchSource, Objective
 from openrelease.train.pretrain import PackedSource
 from openrelease.train.sft import ChatSource, sft_pairs
@@ -213,7 +213,7 @@ def run_stage(
     """Run (or resume) training stage ``stage``; call on every rank of the job.
 
     Rank 0 records the run (params, inputs, per-step metrics, every release checkpoint) with
-    `openrelease.tracking.StageTracker`: MLflow through the journal, plus ``record.json``.
+    `openrelease.record.tracking.StageTracker`: MLflow through the journal, plus ``record.json``.
 
     Args:
         stage: The training stage.

@@ -18,8 +18,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from openrelease.errors import OpenReleaseError, ParamsError
-from openrelease.model import decoder_layers
 from openrelease.params import ComputeParams, TrainStageParams
+from openrelease.train.model import decoder_layers
 
 logger = logging.getLogger(__name__)
 

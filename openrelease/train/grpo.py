@@ -1,190 +1,248 @@
-"""GRPO: sharded-policy rollouts, verifiable rewards, group advantages, clip + k3 KL loss.
+"""The GRPO stage: prompts in data order, rollouts from the sharded policy, and the update.
 
-Sampling is seeded per (seed, step, rank), so a rerun or a resume draws the same rollouts.
+Per step, each rank takes its prompts of the global batch, samples ``group_size`` rollouts per
+prompt (seeded by seed, step and rank), scores them with the verifiers in ``grpo.rewards``,
+normalises rewards within each group, and takes ``ppo_epochs`` optimizer steps on the clipped
+objective plus ``kl_coef`` x k3 KL to the frozen reference (the distill checkpoint), averaged
+over every response token of every rank.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from transformers import PreTrainedTokenizerBase
 
-from openrelease.data.tasks import has_reasoning_format, is_correct
+from openrelease.errors import ArtifactError
 from openrelease.params import GRPOParams
-from openrelease.train.distributed import gathered
-
-RewardFn = Callable[[str, str, int], float]
-
-
-def correctness_reward(text: str, answer: str, num_tokens: int) -> float:
-    """1 when the extracted final answer equals the reference, else 0."""
-    return 1.0 if is_correct(text, answer) else 0.0
-
-
-def format_reward(text: str, answer: str, num_tokens: int) -> float:
-    """1 when the response has a non-empty think block followed by an answer sentence."""
-    return 1.0 if has_reasoning_format(text) else 0.0
-
-
-def length_penalty(text: str, answer: str, num_tokens: int) -> float:
-    """Minus the response length in thousands of tokens (weight it to taste)."""
-    return -num_tokens / 1000.0
-
-
-REWARDS: dict[str, RewardFn] = {
-    "correctness": correctness_reward,
-    "format": format_reward,
-    "length": length_penalty,
-}
-
-
-def total_reward(text: str, answer: str, num_tokens: int, weights: dict[str, float]) -> float:
-    """Weighted sum of the verifiers named in ``grpo.rewards``."""
-    return sum(w * REWARDS[name](text, answer, num_tokens) for name, w in weights.items())
+from openrelease.train import checkpoint as ckpt
+from openrelease.train import distributed
+from openrelease.train.loop import TrainJob
+from openrelease.train.model import build_model
+from openrelease.train.objective import (
+    IGNORE_INDEX,
+    MicroBatch,
+    StepOutcome,
+    all_reduce_sum,
+    optimizer_step,
+)
+from openrelease.train.rl import (
+    Rollouts,
+    clipped_objective,
+    correctness_reward,
+    format_reward,
+    group_advantages,
+    k3_kl,
+    response_logprobs,
+    rollout_seed,
+    sample_rollouts,
+    total_reward,
+)
+from openrelease.train.sft import ASSISTANT, USER
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean) / (std + eps) within each consecutive group of ``group_size`` rollouts."""
-    grouped = rewards.view(-1, group_size)
-    mean = grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(dim=1, keepdim=True, unbiased=False)
-    return ((grouped - mean) / (std + eps)).view(-1)
+def _token_id(tokenizer: PreTrainedTokenizerBase, name: str) -> int:
+    value = getattr(tokenizer, name)
+    if not isinstance(value, int):
+        raise ArtifactError(f"the tokenizer has no {name}; re-run `dvc repro data`.")
+    return value
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(policy || reference): exp(d) - d - 1 with d = ref - logp."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1.0
+class PromptSource:
+    """GRPO prompts rendered as ``<|user|>{prompt}<|assistant|>``, with their reference answers.
 
+    Prompts longer than ``max_prompt_len`` tokens keep their last tokens (the question's end
+    and the assistant marker).
+    """
 
-def clipped_objective(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
-) -> torch.Tensor:
-    """Per-token PPO-clip loss (to minimise) for advantages broadcast over tokens."""
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(1)
-    return -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    def __init__(
+        self,
+        records: Sequence[dict[str, str]],
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        max_prompt_len: int,
+    ) -> None:
+        self.records = records
+        self.tokenizer = tokenizer
+        self.max_prompt_len = max_prompt_len
+        self.pad_id = _token_id(tokenizer, "pad_token_id")
+        self.prompt_ids = lru_cache(maxsize=65536)(self._encode)
 
+    @property
+    def num_samples(self) -> int:
+        """Prompts in the data stage's grpo dataset."""
+        return len(self.records)
 
-def rollout_seed(seed: int, step: int, rank: int) -> int:
-    """The sampling seed of one rank at one GRPO step (a pure function)."""
-    digest = hashlib.sha256(f"grpo-rollout:{seed}:{step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+    def _encode(self, index: int) -> tuple[int, ...]:
+        text = f"{USER}{self.records[index]['prompt']}{ASSISTANT}"
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return tuple(ids[-self.max_prompt_len :])
+
+    def answer(self, index: int) -> str:
+        """The verifiable reference answer of prompt ``index``."""
+        return str(self.records[index]["answer"])
+
+    def micro_batches(self, indices: list[int], *, micro_batch_size: int) -> list[MicroBatch]:
+        """Left-padded prompts (what generation starts from); no token carries a loss."""
+        out = []
+        for start in range(0, len(indices), micro_batch_size):
+            rows = [self.prompt_ids(i) for i in indices[start : start + micro_batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, width - len(row) :] = torch.tensor(row)
+                mask[r, width - len(row) :] = 1
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            out.append(MicroBatch(input_ids=ids, labels=labels, attention_mask=mask))
+        return out
 
 
 @dataclass(frozen=True)
-class Rollouts:
-    """Prompts (left-padded) followed by fixed-length responses, with their masks."""
+class PromptBatch:
+    """One rank's prompts of one step."""
 
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    """1 on response tokens up to and including the first eos."""
-    prompt_len: int
+    prompts: list[list[int]]
+    answers: list[str]
 
-    def rows(self, start: int, stop: int) -> Rollouts:
-        """Rollouts ``start:stop`` (for micro-batching)."""
-        return Rollouts(
-            self.sequences[start:stop],
-            self.attention_mask[start:stop],
-            self.response_mask[start:stop],
-            self.prompt_len,
+
+class GRPOObjective:
+    """The GRPO update; holds the frozen, sharded reference model."""
+
+    def __init__(
+        self,
+        params: GRPOParams,
+        *,
+        source: PromptSource,
+        tokenizer: PreTrainedTokenizerBase,
+        reference: Path,
+    ) -> None:
+        self.params = params
+        self.source = source
+        self.tokenizer = tokenizer
+        self.reference_dir = reference
+        self.eos_id = _token_id(tokenizer, "eos_token_id")
+        self.weights = {str(name): w for name, w in params.rewards.items()}
+        self.reference: torch.nn.Module | None = None
+
+    def start(self, job: TrainJob, ctx: distributed.DistContext) -> None:
+        """Build the reference model from the distill checkpoint, sharded like the policy."""
+        ref: torch.nn.Module = build_model(
+            job.model, vocab_size=job.vocab_size, special=job.special
+        )
+        try:
+            ref.load_state_dict(ckpt.load_weights(self.reference_dir), strict=True)
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"{self.reference_dir} does not fit the model params ({str(exc)[:200]}); "
+                "re-run the distill stage with the same model section."
+            ) from None
+        ref.requires_grad_(False)
+        compute = job.compute.model_copy(update={"activation_checkpointing": False})
+        self.reference = distributed.shard_model(ref, ctx, compute).eval()
+
+    def prepare(self, indices: list[int], *, job: TrainJob, step: int) -> PromptBatch:
+        """This rank's prompts (token ids) and answers."""
+        return PromptBatch(
+            prompts=[list(self.source.prompt_ids(i)) for i in indices],
+            answers=[self.source.answer(i) for i in indices],
         )
 
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """The KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def sample_rollouts(
-    model: torch.nn.Module,
-    prompts: Sequence[list[int]],
-    *,
-    params: GRPOParams,
-    seed: int,
-    pad_id: int,
-    eos_id: int,
-    device: torch.device,
-) -> Rollouts:
-    """Sample ``group_size`` responses per prompt, exactly ``max_new_tokens`` forwards each.
-
-    Every rank runs the same number of forward passes (sharded weights need the collectives in
-    lockstep); after eos a row only emits padding. Weights stay gathered for the whole rollout.
-    """
-    rows = [p for p in prompts for _ in range(params.group_size)]
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, p in enumerate(rows):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cache_kw = _cache_kwarg(model)
-    with gathered(model):
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True
-        )
-        cache, logits = _cache_of(out), out.logits[:, -1]
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        new_tokens, new_mask = [], []
-        for _ in range(params.max_new_tokens):
-            probs = _filtered_probs(logits.float(), params.temperature, params.top_p)
-            token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            new_mask.append((~done).long())
-            new_tokens.append(token)
-            done |= token == eos_id
-            mask = torch.cat([mask, torch.ones_like(token).unsqueeze(1)], dim=1)
-            out = model(
-                input_ids=token.unsqueeze(1),
-                attention_mask=mask,
-                position_ids=_positions(mask)[:, -1:],
-                use_cache=True,
-                **{cache_kw: cache},
+    def _score(self, rollouts: Rollouts, answers: list[str]) -> torch.Tensor:
+        """[rows, 3]: total reward, correctness and format of each decoded response."""
+        responses = rollouts.sequences[:, rollouts.prompt_len :].tolist()
+        lengths = rollouts.response_mask.sum(dim=1).tolist()
+        scores = []
+        for row, (ids, n) in enumerate(zip(responses, lengths, strict=True)):
+            kept = ids[: n - 1] if ids[n - 1] == self.eos_id else ids[:n]
+            text = self.tokenizer.decode(kept, skip_special_tokens=False)
+            assert isinstance(text, str), "one sequence decodes to one string"
+            answer = answers[row // self.params.group_size]
+            scores.append(
+                [
+                    total_reward(text, answer, n, self.weights),
+                    correctness_reward(text, answer, n),
+                    format_reward(text, answer, n),
+                ]
             )
-            cache, logits = _cache_of(out), out.logits[:, -1]
-    response = torch.stack(new_tokens, dim=1)
-    response_mask = torch.stack(new_mask, dim=1)
-    attention = torch.cat([mask[:, :width], response_mask], dim=1)
-    return Rollouts(torch.cat([ids, response], dim=1), attention, response_mask, width)
+        return torch.tensor(scores, dtype=torch.float64)
 
-
-def _filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    probs = F.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-    sorted_probs = sorted_probs * keep
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-
-
-def response_logprobs(model: torch.nn.Module, rollouts: Rollouts) -> torch.Tensor:
-    """Log-probabilities of the response tokens under ``model`` ([rows, max_new_tokens])."""
-    mask = rollouts.attention_mask
-    logits = model(
-        input_ids=rollouts.sequences,
-        attention_mask=mask,
-        position_ids=_positions(mask),
-        use_cache=False,
-    ).logits
-    start = rollouts.prompt_len
-    shifted = logits[:, start - 1 : -1].float()
-    targets = rollouts.sequences[:, start:]
-    return torch.gather(F.log_softmax(shifted, dim=-1), 2, targets.unsqueeze(2)).squeeze(2)
+    def update(
+        self,
+        batch: PromptBatch,
+        *,
+        job: TrainJob,
+        ctx: distributed.DistContext,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+    ) -> StepOutcome:
+        """Roll out, score, then ``ppo_epochs`` optimizer steps on this batch of rollouts."""
+        assert self.reference is not None, "start() builds the reference model"
+        p = self.params
+        model.eval()  # no dropout while sampling
+        rollouts = sample_rollouts(
+            model,
+            batch.prompts,
+            params=p,
+            seed=rollout_seed(job.seed, step, ctx.rank),
+            pad_id=self.source.pad_id,
+            eos_id=self.eos_id,
+            device=ctx.device,
+        )
+        model.train()
+        scores = self._score(rollouts, batch.answers)
+        advantages = group_advantages(scores[:, 0].float(), p.group_size).to(ctx.device)
+        rows = p.micro_batch_size * p.group_size
+        chunks = [rollouts.rows(i, i + rows) for i in range(0, rollouts.sequences.size(0), rows)]
+        local = [float(rollouts.response_mask.sum()), float(rollouts.attention_mask.sum())]
+        response_tokens, tokens = all_reduce_sum(local, ctx)
+        with torch.no_grad():
+            ref_logp = [response_logprobs(self.reference, c) for c in chunks]
+            # One epoch: the old policy is the current one, so old = logp.detach() below.
+            old_logp = [response_logprobs(model, c) for c in chunks] if p.ppo_epochs > 1 else None
+        distributed.reshard(self.reference)  # no backward frees its root and last layer
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, kl, clipped
+        grad_norm = 0.0
+        for epoch in range(p.ppo_epochs):
+            for i, chunk in enumerate(chunks):
+                if isinstance(model, FSDPModule):
+                    model.set_requires_gradient_sync(i == len(chunks) - 1)
+                logp = response_logprobs(model, chunk)
+                old = logp.detach() if old_logp is None else old_logp[i]
+                adv = advantages[i * rows : (i + 1) * rows]
+                kl = k3_kl(logp, ref_logp[i])
+                per_token = clipped_objective(logp, old, adv, p.clip_eps) + p.kl_coef * kl
+                mask = chunk.response_mask.to(per_token.dtype)
+                loss_sum = (per_token * mask).sum()
+                # FSDP averages gradients over ranks; x world_size: a mean over all tokens.
+                (loss_sum * (ctx.world_size / response_tokens)).backward()  # type: ignore[no-untyped-call]
+                with torch.no_grad():
+                    clipped = ((logp - old).exp() - 1.0).abs() > p.clip_eps
+                    sums[0] += loss_sum.detach()
+                    if epoch == 0:
+                        sums[1] += (kl * mask).sum()
+                    sums[2] += (clipped * mask).sum()
+            grad_norm = optimizer_step(model, optimizer, grad_clip=p.grad_clip)
+        num_rows = float(scores.size(0))
+        stats = all_reduce_sum([*sums.tolist(), *scores.sum(dim=0).tolist(), num_rows], ctx)
+        loss, kl_sum, clipped_sum, reward, correct, formatted, total_rows = stats
+        updates = response_tokens * p.ppo_epochs
+        return StepOutcome(
+            loss=loss / updates,
+            tokens=int(tokens),
+            grad_norm=grad_norm,
+            metrics={
+                "reward": reward / total_rows,
+                "accuracy": correct / total_rows,
+                "format": formatted / total_rows,
+                "kl": kl_sum / response_tokens,
+                "clip_frac": clipped_sum / updates,
+                "response_len": response_tokens / total_rows,
+            },
+        )

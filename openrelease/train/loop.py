@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from openrelease import checkpoint as ckpt
 from openrelease.data.order import global_batch, order_digest, rank_slice
 from openrelease.errors import ArtifactError
 from openrelease.manifest import CheckpointMeta
-from openrelease.model import SpecialTokens, build_model, save_model_config
 from openrelease.params import ComputeParams, ModelParams, TrainStageParams
+from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
+from openrelease.train.model import SpecialTokens, build_model, save_model_config
 from openrelease.train.objective import IGNORE_INDEX as IGNORE_INDEX  # re-exported
 from openrelease.train.objective import BatchSource as BatchSource  # re-exported
 from openrelease.train.objective import MicroBatch as MicroBatch  # re-exported
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class Recorder(Protocol):
-    """Where rank 0 records metrics and release checkpoints (`openrelease.tracking`)."""
+    """Where rank 0 records metrics and release checkpoints (`openrelease.record.tracking`)."""
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         """Record one step's metrics."""

@@ -33,7 +33,7 @@ from hubserver import TOKEN, USER, HubServer
 from huggingface_hub import HfApi
 
 from openrelease.digest import sha256_tree
-from openrelease.publish import publish_bundle
+from openrelease.release.publish import publish_bundle
 
 PARAMS = (Path(__file__).parents[1] / "assets" / "params_test.yaml").read_text(encoding="utf-8")
 SENTINEL = "pwned"

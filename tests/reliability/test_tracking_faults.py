@@ -21,9 +21,9 @@ import pytest
 from cli_checks import assert_no_crash, invoke
 from test_tracking import _content, _record_run, mlflow_server, store, template_db
 
-from openrelease import tracking
 from openrelease.params import PipelineParams
-from openrelease.tracking import StageTracker
+from openrelease.record import tracking
+from openrelease.record.tracking import StageTracker
 
 __all__ = ["mlflow_server", "store", "template_db"]  # fixtures reused from tests/test_tracking.py
 

@@ -35,11 +35,11 @@ import yaml
 from cli_checks import assert_clean_error, invoke
 from torchrun_jobs import kill_tree
 
-from openrelease import checkpoint as ckpt
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.manifest import CheckpointMeta, StageRecord, read_json, read_model
 from openrelease.params import StageName, load_params
-from openrelease.train import grpo, run_stage
+from openrelease.train import checkpoint as ckpt
+from openrelease.train import rl, run_stage
 
 pytestmark = pytest.mark.reliability  # tests/reliability/conftest.py adds it too
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ import os
 import time
 from pathlib import Path
 
-from openrelease.train import grpo
+from openrelease.train import rl
 
 
 def variety(text, answer, num_tokens):
@@ -77,13 +77,13 @@ def variety(text, answer, num_tokens):
     return len(set(text)) / 10.0
 
 
-grpo.REWARDS["length"] = variety
+rl.REWARDS["length"] = variety
 
 FAULT = os.environ.get("FAULT_AT")  # "<phase>:<step>:<nth call of the phase in that step>"
 if FAULT:
     import torch
 
-    from openrelease import checkpoint
+    from openrelease.train import checkpoint
     from openrelease.train import loop
 
     PHASE, STEP, NTH = FAULT.split(":")
@@ -121,7 +121,7 @@ if FAULT:
     hook(checkpoint, "save_file", "release-write", after=True)
     hook(checkpoint, "save_state", "before-state")
     hook(checkpoint, "dcp_save", "state-write", after=True)
-    hook(grpo, "_filtered_probs", "generate")
+    hook(rl, "_filtered_probs", "generate")
 '''
 
 
@@ -220,7 +220,7 @@ def reference(base: Path) -> Path:
     params = load_params(ref / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setitem(grpo.REWARDS, "length", variety)
+        mp.setitem(rl.REWARDS, "length", variety)
         for stage in STAGES:
             assert not run_stage(stage, params, project_dir=ref).interrupted
     rows = (ref / "artifacts/grpo/metrics.jsonl").read_text().splitlines()

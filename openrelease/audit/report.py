@@ -14,9 +14,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoFile
 from pydantic import BaseModel, ValidationError, computed_field
 
-from openrelease.digest import PREFIX
-from openrelease.errors import ArtifactError, OpenReleaseError
-from openrelease.evidence import (
+from openrelease.audit.evidence import (
     MAX_JSON_BYTES,
     MAX_TEXT_BYTES,
     FileStat,
@@ -31,8 +29,7 @@ from openrelease.evidence import (
     read_card,
     walk_folder,
 )
-from openrelease.manifest import BundleManifest
-from openrelease.mof import (
+from openrelease.audit.mof import (
     UNLICENSED,
     Component,
     MofScore,
@@ -45,9 +42,12 @@ from openrelease.mof import (
     resolve_licenses,
     score_licenses,
 )
-from openrelease.untrusted import read_capped
-from openrelease.verify import Problem
-from openrelease.verify_hub import DATA, HUB_ERRORS, describe_hub_error, hub_locations
+from openrelease.digest import PREFIX
+from openrelease.errors import ArtifactError, OpenReleaseError
+from openrelease.manifest import BundleManifest
+from openrelease.verify.bundle import Problem
+from openrelease.verify.hub import DATA, HUB_ERRORS, describe_hub_error, hub_locations
+from openrelease.verify.untrusted import read_capped
 
 ROMAN = {1: "I", 2: "II", 3: "III"}
 _HUB_READABLE = re.compile(

@@ -1,6 +1,6 @@
 """Replay a recorded stretch of training from a workspace or a bundle (read-only) and compare.
 
-Picks the state and checkpoint, checks they belong to one run, runs `openrelease.train.replay`;
+Picks the state and checkpoint, checks they belong to one run, runs `openrelease.reproduce.replay`;
 `certify` replays the last stretch of every stage for ``bundle --certify``.
 """
 
@@ -19,7 +19,6 @@ import torch
 from pydantic import ValidationError
 
 import openrelease
-from openrelease import checkpoint as ckpt
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.manifest import (
     CheckpointMeta,
@@ -32,9 +31,7 @@ from openrelease.manifest import (
     write_json,
 )
 from openrelease.params import STAGES, PipelineParams, StageName, load_params
-from openrelease.train import INIT_FROM, stage_params_digest
-from openrelease.train.loop import TrainReport
-from openrelease.train.replay import (
+from openrelease.reproduce.replay import (
     CheckpointDiff,
     ReplayError,
     build_scratch,
@@ -44,6 +41,9 @@ from openrelease.train.replay import (
     run_replay,
     scratch_for,
 )
+from openrelease.train import INIT_FROM, stage_params_digest
+from openrelease.train import checkpoint as ckpt
+from openrelease.train.loop import TrainReport
 
 CERTIFICATE_FILE = "certificate.json"
 """Written to ``artifacts/`` by `certify`; a bundle carries it at its root."""

@@ -28,13 +28,13 @@ from huggingface_hub.utils.tqdm import (
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from openrelease import __version__
-from openrelease.audit import audit_folder
+from openrelease.audit.report import audit_folder
 from openrelease.digest import PREFIX, bare_hex, sha256_bytes, sha256_file
 from openrelease.errors import PublishError
 from openrelease.manifest import BundleManifest, CheckpointMeta, read_model
-from openrelease.untrusted import unsafe_path_reason
-from openrelease.verify import load_bundle_manifest, verify_bundle
-from openrelease.verify_hub import HUB_ERRORS, describe_hub_error
+from openrelease.verify.untrusted import unsafe_path_reason
+from openrelease.verify.bundle import load_bundle_manifest, verify_bundle
+from openrelease.verify.hub import HUB_ERRORS, describe_hub_error
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from openrelease.digest import sha256_bytes
 from openrelease.errors import ArtifactError, ParamsError, ProvenanceError
 from openrelease.manifest import FileEntry, dump_json
-from openrelease.untrusted import hash_files
+from openrelease.verify.untrusted import hash_files
 
 logger = logging.getLogger(__name__)
 

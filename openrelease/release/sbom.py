@@ -21,8 +21,8 @@ import openrelease
 from openrelease.digest import bare_hex, sha256_json
 from openrelease.errors import ProvenanceError
 from openrelease.manifest import StageRecord
-from openrelease.tracking import pip_freeze
-from openrelease.tracking_journal import journal_dir
+from openrelease.record.tracking import pip_freeze
+from openrelease.record.journal import journal_dir
 
 SPEC_VERSION = "1.6"
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([^\s;]+)|@\s*(\S+))")
@@ -86,7 +86,7 @@ def _purl(req: Requirement) -> str:
 
 def _spdx_ids() -> frozenset[str]:
     """SPDX ids whose texts ship with openrelease (written as ``id``; others as ``name``)."""
-    texts = resources.files("openrelease").joinpath("license_texts").iterdir()
+    texts = resources.files("openrelease.release").joinpath("license_texts").iterdir()
     return frozenset(p.name.removesuffix(".txt") for p in texts if p.name.endswith(".txt"))
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
 from openrelease.params import STAGES, PipelineParams
-from openrelease.tracking import redact, tracking_uri
+from openrelease.record.tracking import redact, tracking_uri
 
 
 class StageStatus(BaseModel):

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from openrelease.digest import sha256_bytes
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.manifest import write_bytes_atomic, write_json
-from openrelease.untrusted import read_capped
+from openrelease.verify.untrusted import read_capped
 
 MANIFEST = "MANIFEST.json"
 SIGNATURES = "signatures"

@@ -32,7 +32,7 @@ from openrelease.manifest import (
     write_text_atomic,
 )
 from openrelease.params import PipelineParams
-from openrelease.tracking_journal import JOURNALS, Journal, drain, journal_dir, now_ms
+from openrelease.record.journal import JOURNALS, Journal, drain, journal_dir, now_ms
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from openrelease.errors import OpenReleaseError
 from openrelease.params import STAGES, PipelineParams, StageName, load_params
 
 if TYPE_CHECKING:
-    from openrelease.reproduce import ReproduceReport
+    from openrelease.reproduce.run import ReproduceReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -214,7 +214,7 @@ def data_where(
 @handles_errors
 def summary(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) -> None:
     """Show what each pipeline stage produced in this workspace and where it is."""
-    from openrelease.workspace import describe_workspace
+    from openrelease.record.summary import describe_workspace
 
     report = describe_workspace(Path.cwd(), load_params(params))
     if as_json:
@@ -247,7 +247,7 @@ app.add_typer(tracking_app, name="tracking")
 @handles_errors
 def tracking_sync(as_json: JsonOpt = False) -> None:
     """Replay journaled records into MLflow (after an outage); safe to repeat."""
-    from openrelease.tracking import sync_journals
+    from openrelease.record.tracking import sync_journals
 
     report = sync_journals(Path.cwd())
     if as_json:
@@ -265,7 +265,7 @@ def tracking_sync(as_json: JsonOpt = False) -> None:
 @handles_errors
 def tracking_ui() -> None:
     """Print the command that opens the MLflow UI on this project's record."""
-    from openrelease.tracking import redact, tracking_uri
+    from openrelease.record.tracking import redact, tracking_uri
 
     out.print(f"mlflow ui --backend-store-uri {redact(tracking_uri(Path.cwd()))}", highlight=False)
 
@@ -278,7 +278,7 @@ def lineage_cmd(
     dot: Annotated[bool, typer.Option("--dot", help="Print Graphviz DOT.")] = False,
 ) -> None:
     """Show exactly what produced a checkpoint: data, params, seed, code, runs, parents."""
-    from openrelease.lineage import lineage, to_dot
+    from openrelease.record.lineage import lineage, to_dot
 
     report = lineage(Path.cwd(), target)
     if as_json:
@@ -372,7 +372,7 @@ def eval_cmd(params: ParamsOpt = Path("params.yaml"), as_json: JsonOpt = False) 
     """Evaluate every recorded checkpoint not evaluated before (DVC stage `eval`)."""
     from rich.progress import Progress
 
-    from openrelease.evaluation import run_eval_stage
+    from openrelease.eval.stage import run_eval_stage
 
     pipeline = load_params(params)
     with Progress(console=err, transient=True) as bar:
@@ -414,7 +414,7 @@ def plot_cmd(
     ] = None,
 ) -> None:
     """Regenerate the plots (loss, eval curves, GRPO reward/KL) from a workspace or a bundle."""
-    from openrelease.plots import write_plots
+    from openrelease.eval.plots import write_plots
 
     target = out_dir or (root / "artifacts" / "eval" / "plots")
     paths = write_plots(root, out_dir=target)
@@ -451,13 +451,13 @@ def bundle_cmd(
     """Assemble the release folder from the record: MOF 1.0 evidence plus MANIFEST.json."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from openrelease.bundle import build_bundle
-    from openrelease.bundle_files import BundleProgress
+    from openrelease.release.bundle import build_bundle
+    from openrelease.release.files import BundleProgress
 
     pipeline = load_params(project_dir / params if not params.is_absolute() else params)
     if certify_replays:
-        from openrelease.cards import certificate_lines
-        from openrelease.reproduce import certify
+        from openrelease.release.cards import certificate_lines
+        from openrelease.reproduce.run import certify
 
         certificate = certify(
             project_dir, pipeline, progress=lambda line: err.print(line, highlight=False)
@@ -519,7 +519,7 @@ def reproduce_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Replay recorded training steps and compare the checkpoint with the record (exit 1: drift)."""
-    from openrelease.reproduce import reproduce
+    from openrelease.reproduce.run import reproduce
 
     report = reproduce(
         target,
@@ -651,7 +651,7 @@ def keygen_cmd(
     key: Annotated[Path, typer.Argument(help="Private key file to create (PEM, mode 600).")],
 ) -> None:
     """Create an Ed25519 key pair for signing releases (KEY and KEY.pub)."""
-    from openrelease.signing import generate_key
+    from openrelease.verify.signing import generate_key
 
     pub, kid = generate_key(key)
     out.print(f"private key: {key}\npublic key:  {pub}\nkey id:      {kid}", highlight=False)
@@ -665,8 +665,8 @@ def sign_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify a release, then sign its MANIFEST.json (signatures/<key id>.sig.json)."""
-    from openrelease.signing import sign_bundle
-    from openrelease.verify import verify_bundle
+    from openrelease.verify.bundle import verify_bundle
+    from openrelease.verify.signing import sign_bundle
 
     report = verify_bundle(bundle)
     if not report.ok:
@@ -702,7 +702,7 @@ def verify_cmd(
 ) -> None:
     """Check that a release is exactly what its MANIFEST.json says (exit 1 when not)."""
     if target.startswith("hf:"):
-        from openrelease.verify_hub import verify_hub
+        from openrelease.verify.hub import verify_hub
 
         if trusted_key:
             err.print("--trusted-key checks a local bundle; download it first", highlight=False)
@@ -711,7 +711,7 @@ def verify_cmd(
         with err.status(f"reading {target}"):
             report = verify_hub(target[3:], endpoint=endpoint, revision=revision)
     else:
-        from openrelease.verify import verify_bundle
+        from openrelease.verify.bundle import verify_bundle
 
         bar, tick = _byte_progress("hashing")
         with bar:
@@ -728,7 +728,7 @@ def verify_cmd(
 
 def render_audit_table(report: Any) -> Table:
     """The audit as a table: one row per MOF component."""
-    from openrelease.audit import ROMAN
+    from openrelease.audit.report import ROMAN
 
     title = f"MOF audit of {report.target}: "
     title += (
@@ -774,7 +774,7 @@ def audit_cmd(
     ] = False,
 ) -> None:
     """Score a release's MOF openness class from its evidence, not only its claims."""
-    from openrelease.audit import audit
+    from openrelease.audit.report import audit
     from openrelease.manifest import write_text_atomic
 
     with err.status(f"auditing {target}"):
@@ -819,8 +819,8 @@ def publish_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Publish a verified release to the Hugging Face Hub (checkpoints as branches, data repo)."""
-    from openrelease.publish import publish_bundle
-    from openrelease.verify import verify_bundle
+    from openrelease.release.publish import publish_bundle
+    from openrelease.verify.bundle import verify_bundle
 
     verified: dict[Path, Any] = {}
 

@@ -49,11 +49,11 @@ HF_LICENSES = {
 # MOT component name -> (content type, bundle path): the evidence each component points at.
 # The research paper's path is docs/research_paper<suffix> when params name a paper file.
 COMPONENTS: dict[str, tuple[str, str]] = {
-    "Model architecture": ("code", "code/openrelease/model.py"),
+    "Model architecture": ("code", "code/openrelease/train/model.py"),
     "Data preprocessing code": ("code", "code/openrelease/data"),
     "Training code": ("code", "code/openrelease/train"),
-    "Inference code": ("code", "code/openrelease/evaluation.py"),
-    "Evaluation code": ("code", "code/openrelease/evaluation.py"),
+    "Inference code": ("code", "code/openrelease/eval/stage.py"),
+    "Evaluation code": ("code", "code/openrelease/eval/stage.py"),
     "Supporting libraries and tools": ("code", "sbom/bom.cdx.json"),
     "Model parameters (Final)": ("data", "model"),
     "Model parameters (Intermediate)": ("data", "checkpoints"),

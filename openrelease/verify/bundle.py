@@ -20,9 +20,9 @@ from tokenizers import Tokenizer
 from openrelease.digest import sha256_tree
 from openrelease.errors import ArtifactError
 from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
-from openrelease.safetensors_header import read_safetensors_header
-from openrelease.signing import check_signatures
-from openrelease.untrusted import (
+from openrelease.verify.safetensors_header import read_safetensors_header
+from openrelease.verify.signing import check_signatures
+from openrelease.verify.untrusted import (
     ProgressFn,
     hash_files,
     printable_name,

@@ -14,18 +14,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from openrelease.audit.mof import UNLICENSED, MotDocument, mof_components, normalize_license
 from openrelease.errors import ArtifactError, OpenReleaseError
 from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
-from openrelease.mof import UNLICENSED, MotDocument, mof_components, normalize_license
 from openrelease.params import parse_yaml
-from openrelease.safetensors_header import read_safetensors_header
-from openrelease.untrusted import (
+from openrelease.verify.bundle import Problem
+from openrelease.verify.safetensors_header import read_safetensors_header
+from openrelease.verify.untrusted import (
     hash_files,
     parse_json_bytes,
     printable_name,
     unsafe_path_reason,
 )
-from openrelease.verify import Problem
 
 MAX_TEXT_BYTES = 1 << 20
 MAX_JSON_BYTES = 16 << 20

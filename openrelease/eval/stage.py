@@ -28,7 +28,7 @@ from openrelease.manifest import (
     write_text_atomic,
 )
 from openrelease.params import STAGES, EvalParams, PipelineParams
-from openrelease.tracking import StageTracker, input_for_file
+from openrelease.record.tracking import StageTracker, input_for_file
 
 Progress = Callable[[str, int, int], None]
 EVAL_DIR = "artifacts/eval"
@@ -295,7 +295,7 @@ def _evaluate_all(
     tracker: StageTracker,
     progress: Progress | None,
 ) -> EvalSummary:
-    from openrelease.plots import write_plots
+    from openrelease.eval.plots import write_plots
 
     eval_dir = project_dir / EVAL_DIR
     run_keys = _model_keys(project_dir, list(manifests))

@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from openrelease.errors import ArtifactError, OpenReleaseError, ParamsError
 from openrelease.params import parse_yaml
-from openrelease.untrusted import read_capped
+from openrelease.verify.untrusted import read_capped
 
 MAX_MOT_YAML_BYTES = 1 << 20
 """MOT descriptions are a few kB; anything above 1 MiB is refused unread."""
@@ -62,7 +62,7 @@ class LicenseLists:
 
 
 def _load(name: str) -> Any:
-    text = resources.files("openrelease.mof_data").joinpath(name).read_text(encoding="utf-8")
+    text = resources.files("openrelease.audit.mof_data").joinpath(name).read_text(encoding="utf-8")
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 

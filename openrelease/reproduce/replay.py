@@ -1,7 +1,7 @@
 """Replay a stretch of a recorded stage in a scratch workspace, and diff the checkpoint it writes.
 
-`openrelease.reproduce` decides what to replay and from where; this module builds the scratch
-workspace, runs the stage (here, or under torchrun as ``-m openrelease.train.replay``) and
+`openrelease.reproduce.run` decides what to replay and from where; this module builds the scratch
+workspace, runs the stage (here, or under torchrun as ``-m openrelease.reproduce.replay``) and
 compares the result with the recorded checkpoint: sha256 per file, max |delta| per tensor, loss.
 """
 
@@ -23,11 +23,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 
-from openrelease import checkpoint as ckpt
 from openrelease.digest import sha256_file
 from openrelease.errors import ArtifactError, OpenReleaseError
 from openrelease.manifest import CheckpointMeta, StageManifest, dump_json, read_model, write_json
 from openrelease.params import STAGES, ComputeParams, PipelineParams, StageName, load_params
+from openrelease.train import checkpoint as ckpt
 from openrelease.train import run_stage
 from openrelease.train.distill import TEACHER_FILE, TRACES_FILE
 from openrelease.train.loop import TrainReport
@@ -162,7 +162,7 @@ def run_replay(
         return run_stage(stage, params, project_dir=root, stop_at_step=stop_at_step, record=False)
     report_path, log_path = root / "replay-report.json", root / "replay.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc-per-node", str(world_size), "-m", "openrelease.train.replay"]
+    cmd += ["--nproc-per-node", str(world_size), "-m", "openrelease.reproduce.replay"]
     cmd += [stage, str(root), str(stop_at_step), str(report_path)]
     path = [str(_package_root()), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}

@@ -23,19 +23,19 @@ from huggingface_hub.hf_api import RepoFile
 from openrelease.digest import PREFIX, sha256_bytes
 from openrelease.errors import ArtifactError
 from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
-from openrelease.untrusted import (
-    ModelT,
-    parse_json_bytes,
-    read_capped,
-    unsafe_path_reason,
-)
-from openrelease.verify import (
+from openrelease.verify.bundle import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     CheckpointView,
     Observed,
     VerifyReport,
     check_lineage,
+)
+from openrelease.verify.untrusted import (
+    ModelT,
+    parse_json_bytes,
+    read_capped,
+    unsafe_path_reason,
 )
 
 MAX_META_BYTES = 16 << 20

@@ -18,14 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 import openrelease
-from openrelease.bundle_files import (
+from openrelease.release.files import (
     FilePlan,
     ProgressFn,
     check_dirs,
     materialize,
     swap_in,
 )
-from openrelease.cards import (
+from openrelease.release.cards import (
     COMPONENTS,
     ReleaseRecord,
     component_licenses,
@@ -34,7 +34,7 @@ from openrelease.cards import (
     research_paper,
     technical_report,
 )
-from openrelease.datacard import (
+from openrelease.release.datacard import (
     croissant_card,
     data_description,
     data_order,
@@ -50,7 +50,7 @@ from openrelease.manifest import (
     read_model,
     write_json,
 )
-from openrelease.mof import is_open_license, mof_release_yaml
+from openrelease.audit.mof import is_open_license, mof_release_yaml
 from openrelease.params import (
     STAGES,
     LicenseParams,
@@ -58,13 +58,13 @@ from openrelease.params import (
     TrainStageParams,
     load_params,
 )
-from openrelease.sbom import BomDataset, BomModel, ml_bom, release_source
-from openrelease.tracking_journal import journal_dir
+from openrelease.release.sbom import BomDataset, BomModel, ml_bom, release_source
+from openrelease.record.journal import journal_dir
 
 logger = logging.getLogger(__name__)
 
 CERTIFICATE_PATH = "artifacts/certificate.json"
-"""Written by `openrelease bundle --certify` (`openrelease.reproduce.certify`)."""
+"""Written by `openrelease bundle --certify` (`openrelease.reproduce.run.certify`)."""
 _SPDX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")
 _PAPER_SUFFIXES = (".md", ".pdf", ".tex", ".html")
 
@@ -344,7 +344,7 @@ def _license_text(project_dir: Path, license_id: str) -> bytes:
     local = project_dir / "LICENSES" / f"{license_id}.txt"
     if local.is_file():
         return local.read_bytes()
-    packaged = resources.files("openrelease").joinpath("license_texts", f"{license_id}.txt")
+    packaged = resources.files("openrelease.release").joinpath("license_texts", f"{license_id}.txt")
     if packaged.is_file():
         return packaged.read_bytes()
     raise ParamsError(

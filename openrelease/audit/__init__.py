@@ -1,0 +1,1 @@
+"""MOF auditing: the report, the evidence it rests on and the MOF rules."""

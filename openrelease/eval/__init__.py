@@ -1,0 +1,1 @@
+"""Evaluation: the eval stage and its plots."""

@@ -1,0 +1,1 @@
+"""The provenance record: MLflow tracking, the journal, lineage and the workspace summary."""

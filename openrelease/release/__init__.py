@@ -1,0 +1,1 @@
+"""The release: bundle, cards, data card, SBOM and publishing to the Hub."""

@@ -1,0 +1,1 @@
+"""Reproducing a release: replay recorded steps and compare the bytes."""

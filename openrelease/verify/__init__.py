@@ -1,0 +1,1 @@
+"""Verifying bundles and Hub repos: digests, signatures and untrusted input."""
