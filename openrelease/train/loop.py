@@ -200,6 +200,7 @@ def _resume(
                 state_dir,
             )
             state_dir = None
+    dist.barrier()  # every rank has read the state before the main rank may remove it
     if state_dir is None:
         if ctx.is_main:
             for name in ("states", "checkpoints", "manifest.json", "metrics.jsonl"):
