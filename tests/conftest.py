@@ -74,3 +74,13 @@ def project(tmp_path: Path, built_project: Path) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(dst)
         yield dst
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite store per session (migrations take ~2 s); tests copy it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path

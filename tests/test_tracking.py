@@ -19,16 +19,6 @@ from openrelease.record.tracking import StageTracker, input_for_file, redact, sy
 SECRET = "hf_" + "Zq8" * 12
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One migrated SQLite store per session (migrations take ~2 s); tests copy it."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow") / "template.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(tmp_path: Path, template_db: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     db = tmp_path / "mlflow.db"

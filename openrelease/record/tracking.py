@@ -11,7 +11,6 @@ import importlib.metadata
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from openrelease.digest import sha256_bytes, sha256_file, sha256_json
+from openrelease.layout import RECORD
 from openrelease.manifest import (
     CheckpointMeta,
     GitInfo,
@@ -33,17 +33,12 @@ from openrelease.manifest import (
 )
 from openrelease.params import PipelineParams
 from openrelease.record.journal import JOURNALS, Journal, drain, journal_dir, now_ms
+from openrelease.secrets import redact
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|PRIVATE|CREDENTIAL|AUTH", re.I)
-_SECRET_VALUE = re.compile(
-    r"hf_[A-Za-z0-9]{20,}|-----BEGIN [A-Z ]*PRIVATE KEY-----|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{30,}"
-)
-_URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]+@")
-"""The password of ``scheme://user:password@host`` (e.g. in MLFLOW_TRACKING_URI)."""
 OFFLINE_RETRY_S, OFFLINE_RETRY_MAX_S = 30.0, 600.0
 """While MLflow is unreachable, retry after 30 s, doubling up to 10 min: a locked SQLite store
 blocks each attempt for MLflow's 20 s busy timeout, and training must not wait on it."""
@@ -57,16 +52,6 @@ _ENV_KEPT = (
     "CUBLAS_WORKSPACE_CONFIG",
     "PYTHONHASHSEED",
 )
-
-
-def redact(text: str) -> str:
-    """Replace secret-looking substrings (tokens, keys, URL passwords, secret env values)."""
-    text = _SECRET_VALUE.sub("[REDACTED]", text)
-    text = _URL_PASSWORD.sub(r"\1[REDACTED]@", text)
-    for name, value in os.environ.items():
-        if _SECRET_NAME.search(name) and len(value) >= 8:
-            text = text.replace(value, "[REDACTED]")
-    return text
 
 
 def tracking_uri(project_dir: Path) -> str:
@@ -429,7 +414,7 @@ class StageTracker:
             finished=_iso(now_ms()) if finished else None,
             status=status,
         )
-        write_json(self.out_dir / "record.json", record)
+        write_json(self.out_dir / RECORD, record)
         return record
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 from cli_checks import assert_no_crash, invoke
-from test_tracking import _content, _record_run, mlflow_server, store, template_db
+from test_tracking import _content, _record_run, mlflow_server, store
 
 from openrelease.params import PipelineParams
 from openrelease.record import tracking
 from openrelease.record.tracking import StageTracker
 
-__all__ = ["mlflow_server", "store", "template_db"]  # fixtures reused from tests/test_tracking.py
+__all__ = ["mlflow_server", "store"]  # fixtures reused from tests/test_tracking.py
 
 LOCKER = """
 import sqlite3, sys
