@@ -279,3 +279,13 @@ def test_release_yaml_rejects_bad_input() -> None:
         _our_release(licenses={"weights": "MIT"})
     with pytest.raises(OpenReleaseError, match=r"release\.name"):
         _our_release(name="")
+
+
+def test_component_code_paths_name_modules_that_exist() -> None:
+    from openrelease.audit.mof import COMPONENTS
+
+    root = Path(openrelease.__file__).parent.parent
+    code = [path for kind, path in COMPONENTS.values() if path.startswith("code/")]
+    assert code
+    for path in code:
+        assert (root / path.removeprefix("code/")).exists(), path

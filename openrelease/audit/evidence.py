@@ -16,6 +16,12 @@ from pydantic import BaseModel
 
 from openrelease.audit.mof import UNLICENSED, MotDocument, mof_components, normalize_license
 from openrelease.errors import ArtifactError, OpenReleaseError
+from openrelease.layout import (
+    BUNDLE_CHECKPOINT_DIR,
+    BUNDLE_CHECKPOINT_FILE,
+    BUNDLE_MANIFEST,
+    CHECKPOINT_META,
+)
 from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
 from openrelease.params import parse_yaml
 from openrelease.verify.bundle import Problem
@@ -71,7 +77,7 @@ RULES: dict[str, tuple[str, ...]] = {
         r"(^|/)(data|preprocess|prepare|tokeniz|clean|dedup|filter)[^/]*(/.*)?" + _CODE,
     ),
     "model_parameters_intermediate": (
-        r"^checkpoints/[^/]+/step-\d+/[^/]+" + _WEIGHTS,
+        "^" + BUNDLE_CHECKPOINT_DIR + r"/[^/]+" + _WEIGHTS,
         r"(^|/)" + _STEP + r"/(.*/)?[^/]+" + _WEIGHTS,
     ),
     "research_paper": (
@@ -80,7 +86,7 @@ RULES: dict[str, tuple[str, ...]] = {
     ),
     "model_metadata": (
         r"^configs?/.+\.(ya?ml|json|lock)$",
-        r"^checkpoints/[^/]+/step-\d+/meta\.json$",
+        "^" + BUNDLE_CHECKPOINT_DIR + "/" + re.escape(CHECKPOINT_META) + "$",
         r"^(model/)?(generation_config|training_args|hparams|hyperparameters)[^/]*\.(json|ya?ml)$",
     ),
 }
@@ -90,7 +96,7 @@ _KIND = {"code": _CODE, "document": _DOCS, "data": ""}
 _WEIGHT_IDS = ("model_parameters_final", "model_parameters_intermediate")
 _BRANCH = re.compile(r"(?:[a-z0-9_]+-)?(?:step|checkpoint|ckpt)-?\d+", re.IGNORECASE)
 _ROOT_LICENSE = re.compile(r"(licen[cs]e|copying)[^/]*", re.IGNORECASE)
-_META = re.compile(r"checkpoints/[^/]+/step-\d+/meta\.json")
+_META = re.compile(BUNDLE_CHECKPOINT_DIR + "/" + re.escape(CHECKPOINT_META))
 _SIGNATURES = (  # (SPDX id, phrases that must all appear), most specific first
     ("BSL-1.0", ("boost software license",)),
     ("AGPL-3.0-only", ("gnu affero general public",)),
@@ -184,13 +190,13 @@ def walk_folder(folder: Path, rel: ReleaseFiles) -> None:
 
 def check_manifest(rel: ReleaseFiles, *, root: Path | None, check_hashes: bool) -> None:
     """Compare MANIFEST.json with the listing: sizes, Hub LFS sha256s, local sha256s."""
-    if "MANIFEST.json" not in rel.files:
+    if BUNDLE_MANIFEST not in rel.files:
         return
     try:
-        raw = rel.json("MANIFEST.json", max_bytes=MAX_MANIFEST_BYTES)
-        manifest = validate_model(raw, BundleManifest, where="MANIFEST.json")
+        raw = rel.json(BUNDLE_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+        manifest = validate_model(raw, BundleManifest, where=BUNDLE_MANIFEST)
     except ArtifactError as exc:
-        rel.add("manifest", "MANIFEST.json", str(exc))
+        rel.add("manifest", BUNDLE_MANIFEST, str(exc))
         return
     sizes: dict[str, int] = {}
     for e in manifest.files:
@@ -370,8 +376,12 @@ def find_evidence(
         if (bad := check_file(rel, path)) and len(broken) < 3:
             broken.append(bad if bad.startswith(path) else f"{path} {bad}")
     if cid == "model_parameters_intermediate":
-        folders = sorted({p.rsplit("/", 1)[0] for p in hits if p.startswith("checkpoints/")})
-        broken += [f"{f} has no meta.json" for f in folders if f + "/meta.json" not in rel.files]
+        folders = sorted({p.rsplit("/", 1)[0] for p in hits if BUNDLE_CHECKPOINT_FILE.match(p)})
+        broken += [
+            f"{f} has no {CHECKPOINT_META}"
+            for f in folders
+            if f"{f}/{CHECKPOINT_META}" not in rel.files
+        ]
     virtual = _virtual(rel, cid, card)
     if virtual and rel.kind == "hub" and cid == "model_parameters_intermediate":
         why = None  # published checkpoints live on branches, not under checkpoints/ on main

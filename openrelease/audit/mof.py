@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from openrelease.errors import ArtifactError, OpenReleaseError, ParamsError
+from openrelease.layout import BundleSection
 from openrelease.params import parse_yaml
 from openrelease.verify.untrusted import read_capped
 
@@ -462,3 +463,32 @@ def mof_release_yaml(
     except OpenReleaseError as exc:
         raise ParamsError(f"the MOT description would be invalid: {exc}") from None
     return text
+
+
+def _code(module: str, *, package: bool = False) -> str:
+    """Where a module (or a package's folder) of ours sits in a bundle's ``code/``."""
+    return f"{BundleSection.CODE}/" + module.replace(".", "/") + ("" if package else ".py")
+
+
+# MOT component name -> (content type, bundle path): the evidence each component points at in
+# a bundle we build. Code paths come from module names (tests/test_mof.py checks each exists).
+# The research paper's path is docs/research_paper<suffix> when params name a paper file.
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "Model architecture": ("code", _code("openrelease.train.model")),
+    "Data preprocessing code": ("code", _code("openrelease.data", package=True)),
+    "Training code": ("code", _code("openrelease.train", package=True)),
+    "Inference code": ("code", _code("openrelease.eval.stage")),
+    "Evaluation code": ("code", _code("openrelease.eval.stage")),
+    "Supporting libraries and tools": ("code", f"{BundleSection.SBOM}/bom.cdx.json"),
+    "Model parameters (Final)": ("data", BundleSection.MODEL),
+    "Model parameters (Intermediate)": ("data", BundleSection.CHECKPOINTS),
+    "Datasets": ("data", BundleSection.DATA),
+    "Evaluation data": ("data", f"{BundleSection.DATA}/eval_problems.jsonl"),
+    "Model metadata": ("data", BundleSection.CONFIGS),
+    "Sample model outputs": ("document", f"{BundleSection.EVALS}/samples"),
+    "Model card": ("document", "README.md"),
+    "Data card": ("document", f"{BundleSection.DATA}/croissant.json"),
+    "Technical report": ("document", f"{BundleSection.DOCS}/technical_report.md"),
+    "Research paper": ("document", f"{BundleSection.DOCS}/research_paper.md"),
+    "Evaluation results": ("document", f"{BundleSection.EVALS}/results"),
+}

@@ -44,6 +44,7 @@ from openrelease.audit.mof import (
 )
 from openrelease.digest import PREFIX
 from openrelease.errors import ArtifactError, OpenReleaseError
+from openrelease.layout import BUNDLE_MANIFEST
 from openrelease.manifest import BundleManifest
 from openrelease.verify.bundle import Problem
 from openrelease.verify.hub import DATA, HUB_ERRORS, describe_hub_error, hub_locations
@@ -402,9 +403,9 @@ def audit_hub_repo(
                 return read_capped(Path(local), max_bytes=max_bytes)
 
             branches = tuple(b.name for b in api.list_repo_refs(repo_id).branches)
-            if "MANIFEST.json" in files and not files["MANIFEST.json"].lfs:
+            if BUNDLE_MANIFEST in files and not files[BUNDLE_MANIFEST].lfs:
                 published = _published_paths(
-                    api, repo_id, files, read("MANIFEST.json", MAX_JSON_BYTES)
+                    api, repo_id, files, read(BUNDLE_MANIFEST, MAX_JSON_BYTES)
                 )
                 moved = {path: where for path, (where, _) in published.items()}
                 files.update({path: stat for path, (_, stat) in published.items()})

@@ -23,6 +23,7 @@ from openrelease.data.tasks import format_answer, format_reasoning
 from openrelease.data.tokenizer import BOS, EOS, make_probe, save_tokenizer, train_tokenizer
 from openrelease.digest import hash_folder, sha256_bytes, sha256_file, sha256_json, sha256_tree
 from openrelease.errors import DataError
+from openrelease.layout import STAGE_MANIFEST
 from openrelease.manifest import (
     DataManifest,
     DatasetEntry,
@@ -286,7 +287,7 @@ def _write_outputs(
     draft = DataManifest.model_validate({**body, "data_digest": "sha256:" + "0" * 64})
     digest = sha256_json(draft.model_dump(mode="json", exclude={"data_digest"}))
     manifest = draft.model_copy(update={"data_digest": digest})
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / STAGE_MANIFEST, manifest)
     return manifest
 
 

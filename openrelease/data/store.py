@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from openrelease.errors import ArtifactError
+from openrelease.layout import STAGE_MANIFEST
 from openrelease.manifest import DataManifest, DatasetEntry, read_model
 
 RECORD_ROLES = ("sft", "distill", "grpo")
@@ -32,7 +33,7 @@ class DataStore:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.manifest = read_model(data_dir / "manifest.json", DataManifest)
+        self.manifest = read_model(data_dir / STAGE_MANIFEST, DataManifest)
         self._records: dict[str, list[dict[str, str]]] = {}
 
     @property

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from openrelease.layout import EVAL_RESULTS, METRICS, Bundle, Workspace
 from openrelease.params import STAGES
 
 _STAGE_COLORS = {"pretrain": "#1f77b4", "sft": "#ff7f0e", "distill": "#2ca02c", "grpo": "#d62728"}
@@ -16,8 +17,8 @@ _STAGE_COLORS = {"pretrain": "#1f77b4", "sft": "#ff7f0e", "distill": "#2ca02c", 
 
 def _metrics_file(root: Path, stage: str) -> Path | None:
     for candidate in (
-        root / "artifacts" / stage / "metrics.jsonl",
-        root / "logs" / stage / "metrics.jsonl",
+        Workspace(root).metrics(stage),
+        Bundle(root).log(stage, METRICS),
     ):
         if candidate.exists():
             return candidate
@@ -42,7 +43,7 @@ def read_training_metrics(root: Path) -> dict[str, list[dict[str, float]]]:
 
 def read_eval_results(root: Path) -> list[dict[str, Any]]:
     """Every eval result JSON (workspace or bundle layout)."""
-    for base in (root / "artifacts" / "eval" / "results", root / "evals" / "results"):
+    for base in (Workspace(root).eval_results, Bundle(root).eval_dir / EVAL_RESULTS):
         if base.exists():
             return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(base.rglob("*.json"))]
     return []

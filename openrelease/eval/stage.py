@@ -18,6 +18,7 @@ from openrelease.data.store import DataStore, read_jsonl
 from openrelease.data.tasks import extract_answer, has_reasoning_format
 from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
+from openrelease.layout import STAGE_MANIFEST, Workspace, checkpoint_rel, eval_result_rel
 from openrelease.manifest import (
     CheckpointMeta,
     EvalResult,
@@ -197,7 +198,7 @@ def _eval_digest(params: EvalParams, store: DataStore) -> str:
 def _stage_manifests(project_dir: Path) -> dict[str, StageManifest]:
     out: dict[str, StageManifest] = {}
     for stage in STAGES:
-        path = project_dir / "artifacts" / stage / "manifest.json"
+        path = Workspace(project_dir).stage_manifest(stage)
         if path.exists():
             out[stage] = read_model(path, StageManifest)
     return out
@@ -257,11 +258,11 @@ def run_eval_stage(
     todo = [(s, c) for s, m in manifests.items() for c in m.checkpoints]
     tracker = StageTracker("eval", params=params, project_dir=project_dir, out_dir=eval_dir)
     tracker.start(
-        [input_for_file("data_manifest", "data", store.data_dir / "manifest.json", project_dir)]
+        [input_for_file("data_manifest", "data", store.data_dir / STAGE_MANIFEST, project_dir)]
         + [
-            input_for_file(f"{stage}_manifest", "checkpoints", path, project_dir)
+            input_for_file(f"{stage}_manifest", "checkpoint manifest", path, project_dir)
             for stage in manifests
-            if (path := project_dir / "artifacts" / stage / "manifest.json").is_file()
+            if (path := Workspace(project_dir).stage_manifest(stage)).is_file()
         ]
     )
     try:
@@ -279,7 +280,7 @@ def _model_keys(project_dir: Path, stages: list[str]) -> dict[str, str]:
     """Stage -> the MLflow run key its checkpoints' LoggedModels hang under (from record.json)."""
     keys: dict[str, str] = {}
     for stage in stages:
-        path = project_dir / "artifacts" / stage / "record.json"
+        path = Workspace(project_dir).record(stage)
         if path.is_file():
             keys[stage] = read_model(path, StageRecord).run_key
     return keys
@@ -304,13 +305,13 @@ def _evaluate_all(
     for i, (stage, meta) in enumerate(todo, start=1):
         if progress:
             progress(f"{stage} step {meta.step}", i, len(todo))
-        result_path = eval_dir / "results" / stage / f"step-{meta.step}.json"
+        result_path = eval_dir / eval_result_rel(stage, meta.step)
         if result_path.exists():
             old = read_model(result_path, EvalResult)
             if old.checkpoint_digest == meta.checkpoint_digest and old.eval_digest == digest:
                 results.append(old)
                 continue
-        ckpt = f"artifacts/{stage}/checkpoints/step-{meta.step}"
+        ckpt = checkpoint_rel(stage, meta.step)
         metrics = evaluate_checkpoint(
             project_dir / ckpt, store=store, params=params.eval, project_dir=project_dir
         )

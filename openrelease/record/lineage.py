@@ -11,6 +11,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from openrelease.errors import ProvenanceError
+from openrelease.layout import (
+    CHECKPOINT_META,
+    RECORD,
+    Workspace,
+    stage_rel,
+    step_name,
+)
 from openrelease.manifest import CheckpointMeta, DataManifest, StageRecord, read_model
 from openrelease.params import STAGES
 
@@ -39,14 +46,14 @@ class LineageReport(BaseModel):
 def _records(project_dir: Path) -> dict[str, StageRecord]:
     out: dict[str, StageRecord] = {}
     for stage in STAGES:
-        path = project_dir / "artifacts" / stage / "record.json"
+        path = Workspace(project_dir).record(stage)
         if path.exists():
             out[stage] = read_model(path, StageRecord)
     return out
 
 
 def _data_nodes(project_dir: Path) -> list[LineageNode]:
-    path = project_dir / "artifacts" / "data" / "manifest.json"
+    path = Workspace(project_dir).stage_manifest("data")
     if not path.exists():
         return []
     m = read_model(path, DataManifest)
@@ -96,7 +103,7 @@ def _stage_node(record: StageRecord, parent: str | None) -> LineageNode:
 def _checkpoint_node(meta: CheckpointMeta) -> LineageNode:
     return LineageNode(
         kind="checkpoint",
-        name=f"{meta.stage}/step-{meta.step}",
+        name=f"{meta.stage}/{step_name(meta.step)}",
         digest=meta.checkpoint_digest,
         parent=meta.parent_digest,
         details={
@@ -110,7 +117,7 @@ def _checkpoint_node(meta: CheckpointMeta) -> LineageNode:
 
 def _find_target(records: dict[str, StageRecord], target: str) -> tuple[str, int | None]:
     """Resolve ``target`` (checkpoint folder, stage name, or run id) to (stage, step or None)."""
-    meta_path = Path(target) / "meta.json"
+    meta_path = Path(target) / CHECKPOINT_META
     if meta_path.exists():
         meta = read_model(meta_path, CheckpointMeta)
         return meta.stage, meta.step
@@ -135,7 +142,7 @@ def lineage(project_dir: Path, target: str) -> LineageReport:
         record = records.get(name)
         if record is None:
             raise ProvenanceError(
-                f"artifacts/{name}/record.json is missing; the chain to {target} "
+                f"{stage_rel(name)}/{RECORD} is missing; the chain to {target} "
                 f"is broken. Re-run `dvc repro {name}`."
             )
         nodes.append(_stage_node(record, parent))
@@ -148,8 +155,8 @@ def lineage(project_dir: Path, target: str) -> LineageReport:
         for meta in checkpoints:
             if meta.parent_digest != previous:
                 raise ProvenanceError(
-                    f"{name}/step-{meta.step}: parent digest {meta.parent_digest} does not match "
-                    f"the previous checkpoint {previous}; the record was altered or mixed up."
+                    f"{name}/{step_name(meta.step)}: parent digest {meta.parent_digest} does not "
+                    f"match the previous checkpoint {previous}; the record was altered or mixed up."
                 )
             nodes.append(_checkpoint_node(meta))
             previous = meta.checkpoint_digest

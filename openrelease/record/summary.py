@@ -7,9 +7,22 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from openrelease.layout import (
+    AUDIT,
+    EVAL_METRICS,
+    EVAL_PLOTS,
+    EVAL_STAGE,
+    RELEASE_DIR,
+    STAGE_MANIFEST,
+    Bundle,
+    Workspace,
+    stage_rel,
+    step_of,
+)
 from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
 from openrelease.params import STAGES, PipelineParams
-from openrelease.record.tracking import redact, tracking_uri
+from openrelease.record.tracking import tracking_uri
+from openrelease.secrets import redact
 
 
 class StageStatus(BaseModel):
@@ -38,7 +51,7 @@ class WorkspaceReport(BaseModel):
 
 def _data_status(project_dir: Path, params: PipelineParams) -> StageStatus:
     path = project_dir / params.data.out_dir
-    manifest_path = path / "manifest.json"
+    manifest_path = path / STAGE_MANIFEST
     if not manifest_path.exists():
         return StageStatus(stage="data", done=False, path=params.data.out_dir, summary="not run")
     m = read_model(manifest_path, DataManifest)
@@ -53,8 +66,8 @@ def _data_status(project_dir: Path, params: PipelineParams) -> StageStatus:
 
 
 def _train_status(project_dir: Path, stage: str) -> StageStatus:
-    rel = f"artifacts/{stage}"
-    manifest_path = project_dir / rel / "manifest.json"
+    rel = stage_rel(stage)
+    manifest_path = project_dir / rel / STAGE_MANIFEST
     if not manifest_path.exists():
         return StageStatus(stage=stage, done=False, path=rel, summary="not run")
     m = read_model(manifest_path, StageManifest)
@@ -70,38 +83,39 @@ def _train_status(project_dir: Path, stage: str) -> StageStatus:
 
 
 def _eval_status(project_dir: Path) -> tuple[StageStatus, dict[str, dict[str, float]]]:
-    rel = "artifacts/eval"
-    path = project_dir / rel / "metrics.json"
+    rel = stage_rel(EVAL_STAGE)
+    path = Workspace(project_dir).eval_dir / EVAL_METRICS
     if not path.is_file():
         return StageStatus(stage="eval", done=False, path=rel, summary="not run"), {}
     metrics: dict[str, dict[str, float]] = json.loads(path.read_text(encoding="utf-8"))
-    num = sum(1 for _ in (project_dir / rel / "results").rglob("step-*.json"))
+    results = Workspace(project_dir).eval_results.rglob("*.json")
+    num = sum(1 for p in results if step_of(p.stem) is not None)
     summary = f"{num} checkpoints evaluated; final metrics of {len(metrics)} stages"
     return StageStatus(stage="eval", done=True, path=rel, summary=summary), metrics
 
 
 def _bundle_status(project_dir: Path) -> StageStatus:
-    path = project_dir / "release" / "MANIFEST.json"
+    path = Bundle(Workspace(project_dir).release).manifest
     if not path.is_file():
-        return StageStatus(stage="bundle", done=False, path="release", summary="not run")
+        return StageStatus(stage="bundle", done=False, path=RELEASE_DIR, summary="not run")
     m = read_model(path, BundleManifest)
     size = sum(f.size for f in m.files)
     return StageStatus(
         stage="bundle",
         done=True,
-        path="release",
+        path=RELEASE_DIR,
         summary=f"{len(m.files)} files, {size / 1e6:.1f} MB; {m.bundle_digest[:19]}",
     )
 
 
 def _audit_status(project_dir: Path) -> StageStatus:
-    path = project_dir / "audit.json"
+    path = Workspace(project_dir).audit
     if not path.is_file():
-        return StageStatus(stage="audit", done=False, path="audit.json", summary="not run")
+        return StageStatus(stage="audit", done=False, path=AUDIT, summary="not run")
     report = json.loads(path.read_text(encoding="utf-8"))
     names = {1: "Class I", 2: "Class II", 3: "Class III"}
     label = names.get(report.get("mof_class"), "unclassified")
-    return StageStatus(stage="audit", done=True, path="audit.json", summary=f"MOF {label}")
+    return StageStatus(stage="audit", done=True, path=AUDIT, summary=f"MOF {label}")
 
 
 def describe_workspace(project_dir: Path, params: PipelineParams) -> WorkspaceReport:
@@ -110,7 +124,8 @@ def describe_workspace(project_dir: Path, params: PipelineParams) -> WorkspaceRe
     stages += [_train_status(project_dir, stage) for stage in STAGES]
     eval_status, metrics = _eval_status(project_dir)
     stages += [eval_status, _bundle_status(project_dir), _audit_status(project_dir)]
-    plots = sorted(p.as_posix() for p in (project_dir / "artifacts/eval/plots").glob("*.png"))
+    plot_dir = Workspace(project_dir).eval_dir / EVAL_PLOTS
+    plots = sorted(p.as_posix() for p in plot_dir.glob("*.png"))
     return WorkspaceReport(
         project_dir=str(project_dir),
         stages=tuple(stages),

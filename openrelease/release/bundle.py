@@ -18,15 +18,50 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 import openrelease
-from openrelease.release.files import (
-    FilePlan,
-    ProgressFn,
-    check_dirs,
-    materialize,
-    swap_in,
+from openrelease.audit.mof import COMPONENTS, is_open_license, mof_release_yaml
+from openrelease.digest import sha256_tree
+from openrelease.errors import ArtifactError, ParamsError
+from openrelease.layout import (
+    BUNDLE_MANIFEST,
+    BUNDLE_PARAMS,
+    CERTIFICATE,
+    CERTIFICATE_REL,
+    CHECKPOINT_META,
+    EVAL_CURVE,
+    EVAL_METRICS,
+    EVAL_PLOTS,
+    METRICS,
+    PARAMS,
+    RECORD,
+    STAGE_MANIFEST,
+    STATE_FILE,
+    TOKENIZER_PROBE,
+    Workspace,
+    bundle_checkpoint_rel,
+    bundle_log_rel,
+    bundle_state_rel,
+    eval_result_rel,
+    eval_samples_rel,
+    stage_rel,
+    state_rel,
 )
+from openrelease.manifest import (
+    BundleManifest,
+    CheckpointMeta,
+    FileEntry,
+    ReproCertificate,
+    read_model,
+    write_json,
+)
+from openrelease.params import (
+    STAGES,
+    LicenseParams,
+    PipelineParams,
+    TrainStageParams,
+    load_params,
+)
+from openrelease.record.journal import journal_dir
 from openrelease.release.cards import (
-    COMPONENTS,
     ReleaseRecord,
     component_licenses,
     model_card,
@@ -40,31 +75,17 @@ from openrelease.release.datacard import (
     data_order,
     release_data_files,
 )
-from openrelease.digest import sha256_tree
-from openrelease.errors import ArtifactError, ParamsError
-from openrelease.manifest import (
-    BundleManifest,
-    CheckpointMeta,
-    FileEntry,
-    ReproCertificate,
-    read_model,
-    write_json,
-)
-from openrelease.audit.mof import is_open_license, mof_release_yaml
-from openrelease.params import (
-    STAGES,
-    LicenseParams,
-    PipelineParams,
-    TrainStageParams,
-    load_params,
+from openrelease.release.files import (
+    FilePlan,
+    ProgressFn,
+    check_dirs,
+    materialize,
+    swap_in,
 )
 from openrelease.release.sbom import BomDataset, BomModel, ml_bom, release_source
-from openrelease.record.journal import journal_dir
 
 logger = logging.getLogger(__name__)
 
-CERTIFICATE_PATH = "artifacts/certificate.json"
-"""Written by `openrelease bundle --certify` (`openrelease.reproduce.run.certify`)."""
 _SPDX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")
 _PAPER_SUFFIXES = (".md", ".pdf", ".tex", ".html")
 
@@ -103,16 +124,16 @@ def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
     for stage, manifest in rec.stages.items():
         fix = f"re-run `dvc repro {stage}`"
         for meta in manifest.checkpoints:
-            folder = project_dir / "artifacts" / stage / "checkpoints" / f"step-{meta.step}"
-            meta_path = folder / "meta.json"
+            folder = Workspace(project_dir).checkpoint(stage, meta.step)
+            meta_path = folder / CHECKPOINT_META
             if not meta_path.is_file():
                 raise ArtifactError(f"{meta_path} is missing; {fix}.", path=str(meta_path))
             if read_model(meta_path, CheckpointMeta) != meta:
                 raise ArtifactError(
-                    f"{meta_path} disagrees with artifacts/{stage}/manifest.json; {fix}."
+                    f"{meta_path} disagrees with {stage_rel(stage)}/{STAGE_MANIFEST}; {fix}."
                 )
-            dest = f"checkpoints/{stage}/step-{meta.step}"
-            plan.add_file(f"{dest}/meta.json", meta_path, fix=fix)
+            dest = bundle_checkpoint_rel(stage, meta.step)
+            plan.add_file(f"{dest}/{CHECKPOINT_META}", meta_path, fix=fix)
             for f in meta.files:
                 plan.add_file(
                     f"{dest}/{f.path}",
@@ -126,7 +147,7 @@ def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
     final = rec.stages[final_stage].checkpoints[-1]
     for f in final.files:
         plan.files[f"model/{f.path}"] = plan.files[
-            f"checkpoints/{final_stage}/step-{final.step}/{f.path}"
+            f"{bundle_checkpoint_rel(final_stage, final.step)}/{f.path}"
         ]
 
 
@@ -144,20 +165,20 @@ def _plan_states(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
         steps = set(range(every, manifest.final_step + 1, every)) if every else set()
         steps |= {manifest.final_step} if retention.keep_last else set()
         for step in sorted(steps):
-            folder = project_dir / "artifacts" / stage / "states" / f"step-{step}"
-            if not (folder / "state.json").is_file():
+            folder = Workspace(project_dir).state(stage, step)
+            if not (folder / STATE_FILE).is_file():
                 raise ArtifactError(
-                    f"artifacts/{stage}/states/step-{step} is missing but release.retention "
+                    f"{state_rel(stage, step)} is missing but release.retention "
                     f"names it; raise {stage}.keep_last_states and re-run `dvc repro {stage}`, "
                     "or change release.retention.",
                     path=str(folder),
                 )
-            _add_state(plan, folder, f"states/{stage}/step-{step}")
+            _add_state(plan, folder, bundle_state_rel(stage, step))
 
 
 def _plan_certificate(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> ReleaseRecord:
     """certificate.json and the states its replays start from, when it certifies this record."""
-    path = project_dir / CERTIFICATE_PATH
+    path = project_dir / CERTIFICATE_REL
     if not path.is_file():
         return rec
     certificate = read_model(path, ReproCertificate)
@@ -168,21 +189,21 @@ def _plan_certificate(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
         r for r in certificate.replays if digests.get((r.stage, r.to_step)) != r.recorded_digest
     ]
     starts = {
-        r: project_dir / "artifacts" / r.stage / "states" / f"step-{r.from_step}"
+        r: Workspace(project_dir).state(r.stage, r.from_step)
         for r in certificate.replays
         if r.from_step
     }
-    stale += [r for r, folder in starts.items() if not (folder / "state.json").is_file()]
+    stale += [r for r, folder in starts.items() if not (folder / STATE_FILE).is_file()]
     if stale:
         names = ", ".join(f"{r.stage} steps {r.from_step}..{r.to_step}" for r in stale)
         plan.warn(
-            f"{CERTIFICATE_PATH} is left out: the record no longer has what it replayed ({names}); "
+            f"{CERTIFICATE_REL} is left out: the record no longer has what it replayed ({names}); "
             "run `openrelease bundle --certify` to replay again"
         )
         return rec
     for r, folder in starts.items():
-        _add_state(plan, folder, f"states/{r.stage}/step-{r.from_step}")
-    plan.add_file("certificate.json", path)
+        _add_state(plan, folder, bundle_state_rel(r.stage, r.from_step))
+    plan.add_file(CERTIFICATE, path)
     return dataclasses.replace(rec, certificate=certificate)
 
 
@@ -193,7 +214,7 @@ def _plan_data(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
     """data/: the data (or pointers), per-file sha256, the Croissant card and the data order."""
     params, data = rec.params, rec.data
     data_dir = project_dir / params.data.out_dir
-    manifest_path = data_dir / "manifest.json"
+    manifest_path = data_dir / STAGE_MANIFEST
     org, name = params.release.organization, params.release.name
     repo_url = f"https://huggingface.co/datasets/{org}/{name}-data"
     fix = "re-run `dvc repro data`"
@@ -216,8 +237,8 @@ def _plan_data(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
     ]
     for f in data.tokenizer_files:
         plan.add_file(f"data/{f.path}", data_dir / f.path, entry=f, recorded_in=manifest_path)
-    plan.add_file("data/manifest.json", manifest_path, fix=fix)
-    plan.add_file("data/tokenizer_probe.json", data_dir / "tokenizer_probe.json", fix=fix)
+    plan.add_file(f"data/{STAGE_MANIFEST}", manifest_path, fix=fix)
+    plan.add_file(f"data/{TOKENIZER_PROBE}", data_dir / TOKENIZER_PROBE, fix=fix)
     if pointers:
         plan.add_json("data/pointers.json", {"schema_version": 1, "files": pointers})
     card = croissant_card(
@@ -244,16 +265,17 @@ def _plan_data(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
 
 def _plan_evals(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
     """evals/: the result of every checkpoint, sample outputs, plots, DVC metrics."""
-    eval_dir = project_dir / "artifacts" / "eval"
+    eval_dir = Workspace(project_dir).eval_dir
     for r in rec.results:
-        rel = f"results/{r.stage}/step-{r.step}.json"
+        rel = eval_result_rel(r.stage, r.step)
         plan.add_file(f"evals/{rel}", eval_dir / rel)
     for stage in rec.stages:
-        samples = eval_dir / "samples" / f"{stage}.jsonl"
+        samples = eval_dir / eval_samples_rel(stage)
         if samples.is_file() and samples.stat().st_size:
-            plan.add_file(f"evals/samples/{stage}.jsonl", samples)
-    extras = [eval_dir / "metrics.json", eval_dir / "curve.csv"]
-    extras += sorted((eval_dir / "plots").glob("*")) if (eval_dir / "plots").is_dir() else []
+            plan.add_file(f"evals/{eval_samples_rel(stage)}", samples)
+    extras = [eval_dir / EVAL_METRICS, eval_dir / EVAL_CURVE]
+    plots = eval_dir / EVAL_PLOTS
+    extras += sorted(plots.glob("*")) if plots.is_dir() else []
     for path in extras:
         if path.is_file() and not path.name.startswith("."):
             plan.add_file(f"evals/{path.relative_to(eval_dir).as_posix()}", path)
@@ -261,16 +283,17 @@ def _plan_evals(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
 
 def _plan_logs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
     """logs/: per-stage metrics, record.json, and the MLflow journal each record points at."""
+    ws = Workspace(project_dir)
     for stage in rec.stages:
-        metrics = project_dir / "artifacts" / stage / "metrics.jsonl"
+        metrics = ws.metrics(stage)
         if metrics.is_file():
-            plan.add_file(f"logs/{stage}/metrics.jsonl", metrics)
+            plan.add_file(bundle_log_rel(stage, METRICS), metrics)
         else:
-            plan.warn(f"artifacts/{stage}/metrics.jsonl is missing; logs/{stage} has no metrics")
+            plan.warn(f"{stage_rel(stage)}/{METRICS} is missing; logs/{stage} has no metrics")
     data_dir = project_dir / rec.params.data.out_dir
     for stage, record in rec.records.items():
-        folder = data_dir if stage == "data" else project_dir / "artifacts" / stage
-        plan.add_file(f"logs/{stage}/record.json", folder / "record.json")
+        record_path = data_dir / RECORD if stage == "data" else ws.record(stage)
+        plan.add_file(bundle_log_rel(stage, RECORD), record_path)
         journal = journal_dir(project_dir, record.run_key)
         for name in ("journal.jsonl", "ids.json", "params.resolved.json"):
             if (journal / name).is_file():
@@ -283,12 +306,13 @@ def _plan_logs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
 def _plan_configs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
     """configs/: params.yaml, dvc.yaml, dvc.lock and the resolved params of each stage."""
     params = rec.params
-    params_path = project_dir / "params.yaml"
+    params_path = project_dir / PARAMS
     if params_path.is_file() and load_params(params_path) == params:
-        plan.add_file("configs/params.yaml", params_path)  # keeps the comments
+        # The file itself keeps the comments; add_text redacts any secret in it.
+        plan.add_text(BUNDLE_PARAMS, params_path.read_text(encoding="utf-8"))
     else:
         dumped = yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
-        plan.add_text("configs/params.yaml", dumped)
+        plan.add_text(BUNDLE_PARAMS, dumped)
     for name in ("dvc.yaml", "dvc.lock"):
         if (project_dir / name).is_file():
             plan.add_file(f"configs/{name}", project_dir / name)
@@ -466,7 +490,7 @@ def _plan(project_dir: Path, rec: ReleaseRecord) -> FilePlan:
     requirements = _plan_code(plan, project_dir, rec)
     paper_path = _plan_docs(plan, project_dir, rec)
     _plan_sbom(plan, rec, requirements)
-    plan.files["model/tokenizer_probe.json"] = plan.files["data/tokenizer_probe.json"]
+    plan.files[f"model/{TOKENIZER_PROBE}"] = plan.files[f"data/{TOKENIZER_PROBE}"]
     _plan_mof(plan, rec, paper_path)  # last: it lists the evidence the plan holds
     return plan
 
@@ -514,7 +538,7 @@ def build_bundle(
             files=tuple(entries),
             bundle_digest=digest,
         )
-        write_json(tmp_dir / "MANIFEST.json", manifest)
+        write_json(tmp_dir / BUNDLE_MANIFEST, manifest)
         swap_in(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

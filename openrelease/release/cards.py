@@ -13,7 +13,14 @@ from typing import Any
 
 import yaml
 
+from openrelease.audit.mof import COMPONENTS
 from openrelease.errors import ArtifactError
+from openrelease.layout import (
+    RECORD,
+    STAGE_MANIFEST,
+    Workspace,
+    stage_rel,
+)
 from openrelease.manifest import (
     DataManifest,
     EvalResult,
@@ -23,8 +30,6 @@ from openrelease.manifest import (
     read_model,
 )
 from openrelease.params import STAGES, PipelineParams
-
-EVAL_RESULTS = "artifacts/eval/results"
 
 HF_LICENSES = {
     "Apache-2.0": "apache-2.0",
@@ -44,28 +49,6 @@ HF_LICENSES = {
     "GPL-3.0-only": "gpl-3.0",
     "LGPL-3.0-only": "lgpl-3.0",
     "AGPL-3.0-only": "agpl-3.0",
-}
-
-# MOT component name -> (content type, bundle path): the evidence each component points at.
-# The research paper's path is docs/research_paper<suffix> when params name a paper file.
-COMPONENTS: dict[str, tuple[str, str]] = {
-    "Model architecture": ("code", "code/openrelease/train/model.py"),
-    "Data preprocessing code": ("code", "code/openrelease/data"),
-    "Training code": ("code", "code/openrelease/train"),
-    "Inference code": ("code", "code/openrelease/eval/stage.py"),
-    "Evaluation code": ("code", "code/openrelease/eval/stage.py"),
-    "Supporting libraries and tools": ("code", "sbom/bom.cdx.json"),
-    "Model parameters (Final)": ("data", "model"),
-    "Model parameters (Intermediate)": ("data", "checkpoints"),
-    "Datasets": ("data", "data"),
-    "Evaluation data": ("data", "data/eval_problems.jsonl"),
-    "Model metadata": ("data", "configs"),
-    "Sample model outputs": ("document", "evals/samples"),
-    "Model card": ("document", "README.md"),
-    "Data card": ("document", "data/croissant.json"),
-    "Technical report": ("document", "docs/technical_report.md"),
-    "Research paper": ("document", "docs/research_paper.md"),
-    "Evaluation results": ("document", "evals/results"),
 }
 
 
@@ -116,28 +99,30 @@ def _read_stages(project_dir: Path) -> dict[str, StageManifest]:
     found: dict[str, StageManifest] = {
         stage: read_model(path, StageManifest)
         for stage in STAGES
-        if (path := project_dir / "artifacts" / stage / "manifest.json").is_file()
+        if (path := Workspace(project_dir).stage_manifest(stage)).is_file()
     }
     expected = list(STAGES[: max(len(found), 1)])
     for stage in expected:
         if stage not in found:
             later = " but later stages ran" if found else ""
             raise ArtifactError(
-                f"artifacts/{stage}/manifest.json is missing{later}; run `dvc repro {stage}`."
+                f"{stage_rel(stage)}/{STAGE_MANIFEST} is missing{later}; run `dvc repro {stage}`."
             )
     return found
 
 
 def _read_results(project_dir: Path, stages: dict[str, StageManifest]) -> list[EvalResult]:
     """The eval result of every checkpoint, each checked against the checkpoint it names."""
-    base = project_dir / EVAL_RESULTS
+    base = Workspace(project_dir).eval_results
     if not base.is_dir() or not any(base.rglob("*.json")):
-        raise ArtifactError(f"no eval results in {EVAL_RESULTS}; run `dvc repro eval`.")
+        rel = base.relative_to(project_dir).as_posix()
+        raise ArtifactError(f"no eval results in {rel}; run `dvc repro eval`.")
     results = []
     for stage, manifest in stages.items():
         for meta in manifest.checkpoints:
-            rel = f"{EVAL_RESULTS}/{stage}/step-{meta.step}.json"
-            if not (project_dir / rel).is_file():
+            path = Workspace(project_dir).eval_result(stage, meta.step)
+            rel = path.relative_to(project_dir).as_posix()
+            if not path.is_file():
                 raise ArtifactError(f"{rel} is missing; run `dvc repro eval`.", path=rel)
             result = read_model(project_dir / rel, EvalResult)
             if result.checkpoint_digest != meta.checkpoint_digest:
@@ -152,8 +137,8 @@ def _read_results(project_dir: Path, stages: dict[str, StageManifest]) -> list[E
 
 def _read_records(project_dir: Path, data_dir: Path, stages: list[str]) -> dict[str, StageRecord]:
     """record.json of the data stage and of each released stage, where they exist."""
-    paths = {"data": data_dir / "record.json"}
-    paths |= {s: project_dir / "artifacts" / s / "record.json" for s in stages}
+    paths = {"data": data_dir / RECORD}
+    paths |= {s: Workspace(project_dir).record(s) for s in stages}
     return {k: read_model(p, StageRecord) for k, p in paths.items() if p.is_file()}
 
 
@@ -164,7 +149,7 @@ def _created(
     times = [r.finished or r.started for r in records.values()]
     for stage in stages:
         if stage not in records:
-            mtime = (project_dir / "artifacts" / stage / "manifest.json").stat().st_mtime
+            mtime = (Workspace(project_dir).stage_manifest(stage)).stat().st_mtime
             times.append(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)))
     return max(times)
 
@@ -177,12 +162,12 @@ def read_release_record(project_dir: Path, params: PipelineParams) -> ReleaseRec
             stale; the message names the `dvc repro` stage that makes it.
     """
     data_dir = project_dir / params.data.out_dir
-    if not (data_dir / "manifest.json").is_file():
+    if not (data_dir / STAGE_MANIFEST).is_file():
         raise ArtifactError(
-            f"{params.data.out_dir}/manifest.json is missing; run `dvc repro data`.",
-            path=f"{params.data.out_dir}/manifest.json",
+            f"{params.data.out_dir}/{STAGE_MANIFEST} is missing; run `dvc repro data`.",
+            path=f"{params.data.out_dir}/{STAGE_MANIFEST}",
         )
-    data = read_model(data_dir / "manifest.json", DataManifest)
+    data = read_model(data_dir / STAGE_MANIFEST, DataManifest)
     stages = _read_stages(project_dir)
     records = _read_records(project_dir, data_dir, list(stages))
     rec = ReleaseRecord(

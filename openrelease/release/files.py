@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +16,9 @@ from typing import Any, Literal
 
 from openrelease.digest import sha256_bytes
 from openrelease.errors import ArtifactError, ParamsError, ProvenanceError
+from openrelease.layout import Bundle
 from openrelease.manifest import FileEntry, dump_json
+from openrelease.secrets import redact, secret_env_values
 from openrelease.verify.untrusted import hash_files
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 LINK_MIN_BYTES = 1 << 20
 """Immutable workspace files at least this big are hard-linked (when the filesystem allows)."""
 SECRET_SCAN_MAX_BYTES = 8 << 20
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|PRIVATE|CREDENTIAL|AUTH", re.IGNORECASE)
 BINARY_SUFFIXES = (".safetensors", ".npy", ".distcp", ".pt", ".png")
 
 
@@ -75,8 +75,8 @@ class FilePlan:
         self.files[rel] = PlannedFile(size=len(data), data=data)
 
     def add_text(self, rel: str, text: str) -> None:
-        """Plan UTF-8 text at ``rel``."""
-        self.add_bytes(rel, text.encode("utf-8"))
+        """Plan UTF-8 text at ``rel``, secrets redacted (it is written from the record)."""
+        self.add_bytes(rel, redact(text).encode("utf-8"))
 
     def add_json(self, rel: str, obj: Any) -> None:
         """Plan canonical JSON at ``rel``."""
@@ -111,10 +111,6 @@ class FilePlan:
         """Log and keep a warning for the report."""
         logger.warning("%s", message)
         self.warnings.append(message)
-
-
-def _secret_values() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}
 
 
 def _check_secrets(rel: str, data: bytes, secrets: dict[str, str]) -> None:
@@ -209,7 +205,7 @@ def materialize(
         ArtifactError: A source changed since its record, or cannot be read.
         ProvenanceError: A file holds the value of a secret-named environment variable.
     """
-    stats, entries, secrets = WriteStats(), [], _secret_values()
+    stats, entries, secrets = WriteStats(), [], secret_env_values()
     digests = _prehash(plan, progress)
     num_bytes = sum(f.size for f in plan.files.values())
     for i, rel in enumerate(sorted(plan.files), start=1):
@@ -243,7 +239,7 @@ def check_dirs(project_dir: Path, out_dir: Path) -> None:
         raise ParamsError(f"--out {out_dir} would replace the workspace; choose e.g. release/.")
     if out_dir.exists() and not out_dir.is_dir():
         raise ParamsError(f"--out {out_dir} is a file; choose a folder.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "MANIFEST.json").is_file():
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not Bundle(out_dir).manifest.is_file():
         raise ParamsError(
             f"--out {out_dir} exists and is not a release bundle (no MANIFEST.json); "
             "remove it or choose another folder."

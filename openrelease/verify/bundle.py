@@ -6,7 +6,6 @@ Reads only; never writes, never loads tensors or pickles, never imports torch.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from tokenizers import Tokenizer
 
 from openrelease.digest import sha256_tree
 from openrelease.errors import ArtifactError
+from openrelease.layout import BUNDLE_MANIFEST, CHECKPOINT_META, STEP_DIR, BundleSection
 from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
 from openrelease.verify.safetensors_header import read_safetensors_header
 from openrelease.verify.signing import check_signatures
@@ -31,7 +31,6 @@ from openrelease.verify.untrusted import (
     unsafe_path_reason,
 )
 
-MANIFEST = "MANIFEST.json"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_TOKENIZER_BYTES = 512 << 20
 MAX_YAML_BYTES = 4 << 20
@@ -40,7 +39,6 @@ STAGE_ORDER = ("pretrain", "sft", "distill", "grpo")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MOF_PATH_KEYS = frozenset({"path", "location", "component_path", "license_path"})
-_STEP_DIR = re.compile(r"step-(\d+)")
 
 Severity = Literal["error", "warning"]
 
@@ -95,7 +93,7 @@ def load_bundle_manifest(bundle_dir: Path) -> BundleManifest:
     """
     if not bundle_dir.is_dir():
         raise ArtifactError(f"{bundle_dir} is not a folder; pass a release bundle folder.")
-    path = bundle_dir / MANIFEST
+    path = bundle_dir / BUNDLE_MANIFEST
     if not path.is_file() and not path.is_symlink():
         raise ArtifactError(f"{path} is missing; rebuild the bundle with `openrelease bundle`.")
     return read_model_capped(path, BundleManifest, max_bytes=MAX_MANIFEST_BYTES)
@@ -179,7 +177,7 @@ def _check_manifest(
     if recomputed != manifest.bundle_digest:
         report.add(
             "manifest_digest",
-            MANIFEST,
+            BUNDLE_MANIFEST,
             f"bundle_digest is {manifest.bundle_digest} but its file list hashes to {recomputed}; "
             "the manifest was edited after it was written.",
         )
@@ -344,24 +342,24 @@ def _check_checkpoints(
     folders: dict[tuple[str, str], Observed] = {}
     for rel, digest in digests.items():
         parts = rel.split("/", 3)
-        if parts[0] == "checkpoints" and len(parts) == 4:
+        if parts[0] == BundleSection.CHECKPOINTS and len(parts) == 4:
             folders.setdefault((parts[1], parts[2]), {})[parts[3]] = (sizes[rel], digest)
     views = []
     for (stage, folder), files in folders.items():
-        where = f"checkpoints/{stage}/{folder}"
-        match = _STEP_DIR.fullmatch(folder)
-        if match is None or "meta.json" not in files:
+        where = f"{BundleSection.CHECKPOINTS}/{stage}/{folder}"
+        match = STEP_DIR.fullmatch(folder)
+        if match is None or CHECKPOINT_META not in files:
             report.add("checkpoint_meta", where, "is not a step-<N> folder with a meta.json.")
             continue
         try:
             meta: CheckpointMeta | None = read_model_capped(
-                bundle_dir / where / "meta.json", CheckpointMeta
+                bundle_dir / where / CHECKPOINT_META, CheckpointMeta
             )
         except ArtifactError as exc:
-            report.add("checkpoint_meta", f"{where}/meta.json", str(exc))
+            report.add("checkpoint_meta", f"{where}/{CHECKPOINT_META}", str(exc))
             meta = None
-        del files["meta.json"]
-        views.append(CheckpointView(stage, int(match.group(1)), where, meta, files))
+        del files[CHECKPOINT_META]
+        views.append(CheckpointView(stage, int(match["step"]), where, meta, files))
     check_lineage(views, report)
 
 
@@ -436,7 +434,7 @@ def verify_bundle(
     sizes = {
         rel: size
         for rel, size in _walk(bundle_dir, report).items()
-        if rel != MANIFEST and not rel.startswith("signatures/")
+        if rel != BUNDLE_MANIFEST and not rel.startswith("signatures/")
     }
     digests, errors = hash_files(bundle_dir, sizes, progress=progress, num_threads=num_threads)
     for rel, why in sorted(errors.items()):

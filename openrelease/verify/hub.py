@@ -22,9 +22,14 @@ from huggingface_hub.hf_api import RepoFile
 
 from openrelease.digest import PREFIX, sha256_bytes
 from openrelease.errors import ArtifactError
+from openrelease.layout import (
+    BUNDLE_CHECKPOINT_FILE,
+    BUNDLE_MANIFEST,
+    CHECKPOINT_META,
+    bundle_checkpoint_rel,
+)
 from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
 from openrelease.verify.bundle import (
-    MANIFEST,
     MAX_MANIFEST_BYTES,
     CheckpointView,
     Observed,
@@ -41,8 +46,7 @@ from openrelease.verify.untrusted import (
 MAX_META_BYTES = 16 << 20
 BRANCH = re.compile(r"(?P<stage>[a-z0-9_]+)-step(?P<step>\d+)")
 """Checkpoint branches are named ``<stage>-step<N>`` (the Pythia/OLMo convention)."""
-_CHECKPOINT = re.compile(r"checkpoints/(?P<stage>[^/]+)/step-(?P<step>\d+)/(?P<rest>.+)")
-_NOT_RECORDED = frozenset({".gitattributes", MANIFEST})
+_NOT_RECORDED = frozenset({".gitattributes", BUNDLE_MANIFEST})
 DATA = "data"
 """Listing key of the dataset repo ``<repo_id>-data``."""
 
@@ -88,7 +92,7 @@ def hub_locations(path: str, *, main: str) -> list[Location]:
     ``model/X`` -> ``X`` on main; ``checkpoints/<stage>/step-<N>/X`` -> ``X`` on branch
     ``<stage>-step<N>``; ``data/...`` -> the dataset repo ``<repo_id>-data``; else as is.
     """
-    if match := _CHECKPOINT.fullmatch(path):
+    if match := BUNDLE_CHECKPOINT_FILE.fullmatch(path):
         return [(f"{match['stage']}-step{int(match['step'])}", match["rest"]), (main, path)]
     if path.startswith("model/"):
         return [(main, path.removeprefix("model/")), (main, path)]
@@ -174,27 +178,27 @@ def _checkpoint_view(
 ) -> CheckpointView | None:
     """One checkpoint on ``revision``: its files at the root or at their bundle path."""
     stage, step = checkpoint
-    bundle_prefix = f"checkpoints/{stage}/step-{step}/"
-    prefix = bundle_prefix if bundle_prefix + "meta.json" in listing else ""
+    bundle_prefix = f"{bundle_checkpoint_rel(stage, step)}/"
+    prefix = bundle_prefix if bundle_prefix + CHECKPOINT_META in listing else ""
     where = f"{revision}:{prefix}".rstrip(":/")
-    if prefix + "meta.json" not in listing:
+    if prefix + CHECKPOINT_META not in listing:
         report.add("checkpoint_meta", where, "has no meta.json.")
         return None
     try:
         meta, digest = hub.record(
-            prefix + "meta.json",
+            prefix + CHECKPOINT_META,
             CheckpointMeta,
             revision=revision,
-            size=listing[prefix + "meta.json"][0],
+            size=listing[prefix + CHECKPOINT_META][0],
             max_bytes=MAX_META_BYTES,
         )
     except ArtifactError as exc:
         report.add("checkpoint_meta", where, str(exc))
         return None
     # Now that it is downloaded, its sha256 is known: the manifest comparison uses it.
-    listing[prefix + "meta.json"] = (listing[prefix + "meta.json"][0], digest)
+    listing[prefix + CHECKPOINT_META] = (listing[prefix + CHECKPOINT_META][0], digest)
     # A branch root also holds the card that publish generates; it is not a checkpoint file.
-    generated = {"meta.json", *_NOT_RECORDED} | ({"README.md"} if not prefix else set())
+    generated = {CHECKPOINT_META, *_NOT_RECORDED} | ({"README.md"} if not prefix else set())
     listed = {f.path for f in meta.files}
     files = {
         p[len(prefix) :]: v
@@ -218,7 +222,7 @@ def _checkpoints(
         if name not in (main, DATA) and (match := BRANCH.fullmatch(name)):
             where[(match["stage"], int(match["step"]))] = name
     for path in listings[main]:
-        if (found := _CHECKPOINT.fullmatch(path)) and found["rest"] == "meta.json":
+        if (found := BUNDLE_CHECKPOINT_FILE.fullmatch(path)) and found["rest"] == CHECKPOINT_META:
             where.setdefault((found["stage"], int(found["step"])), main)
     views = [
         _checkpoint_view(hub, rev, listings[rev], checkpoint=c, report=report)
@@ -271,13 +275,15 @@ def verify_hub(
         with tempfile.TemporaryDirectory(prefix="openrelease-verify-") as tmp:
             hub = _Hub(HfApi(endpoint=endpoint, token=token), repo_id, Path(tmp))
             listings = _read_listings(hub, main)
-            if MANIFEST not in listings[main]:
-                raise ArtifactError(f"hf:{repo_id}@{main} has no {MANIFEST}; publish a bundle.")
+            if BUNDLE_MANIFEST not in listings[main]:
+                raise ArtifactError(
+                    f"hf:{repo_id}@{main} has no {BUNDLE_MANIFEST}; publish a bundle."
+                )
             manifest, _ = hub.record(
-                MANIFEST,
+                BUNDLE_MANIFEST,
                 BundleManifest,
                 revision=main,
-                size=listings[main][MANIFEST][0],
+                size=listings[main][BUNDLE_MANIFEST][0],
                 max_bytes=MAX_MANIFEST_BYTES,
             )
             views = _checkpoints(hub, listings, main=main, report=report)

@@ -21,11 +21,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from openrelease.digest import sha256_bytes
 from openrelease.errors import ArtifactError, ParamsError
+from openrelease.layout import BUNDLE_MANIFEST, BundleManifestName, BundleSection
 from openrelease.manifest import write_bytes_atomic, write_json
 from openrelease.verify.untrusted import read_capped
 
-MANIFEST = "MANIFEST.json"
-SIGNATURES = "signatures"
 SUFFIX = ".sig.json"
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_KEY_BYTES = 16 << 10
@@ -39,7 +38,7 @@ class Signature(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     schema_version: Literal[1] = 1
     algorithm: Literal["ed25519"] = "ed25519"
-    signed_file: Literal["MANIFEST.json"] = "MANIFEST.json"
+    signed_file: BundleManifestName = BUNDLE_MANIFEST
     manifest_sha256: str
     public_key: str
     """The raw 32-byte public key, base64."""
@@ -137,7 +136,7 @@ def sign_bundle(bundle_dir: Path, private_key: Path) -> tuple[Path, Signature]:
         ParamsError: The key is not an unencrypted Ed25519 PEM private key.
     """
     key = _load_private(private_key)
-    manifest = read_capped(bundle_dir / MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+    manifest = read_capped(bundle_dir / BUNDLE_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
     public = key.public_key()
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     sig = Signature(
@@ -146,13 +145,15 @@ def sign_bundle(bundle_dir: Path, private_key: Path) -> tuple[Path, Signature]:
         key_id=key_id(public),
         signature=base64.b64encode(key.sign(manifest)).decode(),
     )
-    path = bundle_dir / SIGNATURES / f"{sig.key_id.removeprefix('sha256:')[:16]}{SUFFIX}"
+    path = (
+        bundle_dir / BundleSection.SIGNATURES / f"{sig.key_id.removeprefix('sha256:')[:16]}{SUFFIX}"
+    )
     write_json(path, sig)
     return path, sig
 
 
 def _check_one(path: Path, manifest: bytes, trusted: set[str]) -> SignatureCheck:
-    rel = f"{SIGNATURES}/{path.name}"
+    rel = f"{BundleSection.SIGNATURES}/{path.name}"
     try:
         sig = Signature.model_validate_json(read_capped(path, max_bytes=MAX_SIGNATURE_BYTES))
         public = Ed25519PublicKey.from_public_bytes(base64.b64decode(sig.public_key, validate=True))
@@ -189,10 +190,10 @@ def check_signatures(
         ParamsError: A trusted key file is not an Ed25519 public key.
     """
     trusted = {key_id(load_public_key(p)) for p in trusted_keys or []}
-    folder = bundle_dir / SIGNATURES
+    folder = bundle_dir / BundleSection.SIGNATURES
     if not folder.is_dir() or folder.is_symlink():
         return []
-    manifest = read_capped(bundle_dir / MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+    manifest = read_capped(bundle_dir / BUNDLE_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
     return [
         _check_one(path, manifest, trusted)
         for path in sorted(folder.iterdir())

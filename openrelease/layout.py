@@ -1,0 +1,292 @@
+"""Where everything lives on disk: the one owner of every workspace and bundle path.
+
+A workspace is a project folder that `dvc repro` fills; a bundle is the release folder
+`openrelease bundle` writes from it. Every path segment either layout uses (``artifacts``,
+``checkpoints``, ``step-N``, ``MANIFEST.json``, ...) is spelled here and nowhere else. Relative
+paths are POSIX strings (the form records, manifests and the Hub use); the ``Workspace`` and
+``Bundle`` classes turn them into paths under a root.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+# --------------------------------------------------------------------------- file names
+
+STAGE_MANIFEST = "manifest.json"
+"""A stage's list of release checkpoints (and the data stage's manifest)."""
+RECORD = "record.json"
+"""A stage's provenance record."""
+METRICS = "metrics.jsonl"
+"""A training stage's per-step metrics."""
+BundleManifestName = Literal["MANIFEST.json"]
+BUNDLE_MANIFEST: BundleManifestName = "MANIFEST.json"
+"""The sha256 of every file of a bundle."""
+CHECKPOINT_META = "meta.json"
+"""One checkpoint's or state's identity: stage, step, digests."""
+STATE_FILE = "state.json"
+"""Marks a complete resumable training state."""
+WEIGHTS = "model.safetensors"
+CERTIFICATE = "certificate.json"
+TOKENIZER_PROBE = "tokenizer_probe.json"
+PARAMS = "params.yaml"
+AUDIT = "audit.json"
+TMP_PREFIX = ".tmp-"
+"""Folders being written; renamed into place when complete."""
+DATA_POINTERS = "pointers.json"
+"""In a bundle's ``data/``: the URL and sha256 of each data file the bundle does not carry."""
+
+# --------------------------------------------------------------------------- step folders
+
+_STEP_PREFIX = "step-"
+
+
+def step_name(step: int) -> str:
+    """``step-<step>``: the folder name of one checkpoint, state or eval result."""
+    return f"{_STEP_PREFIX}{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step a ``step-<N>`` name stands for, or None for any other name."""
+    digits = name.removeprefix(_STEP_PREFIX)
+    if digits == name or not digits.isdigit():
+        return None
+    return int(digits)
+
+
+# --------------------------------------------------------------------------- workspace
+
+ARTIFACTS = "artifacts"
+EVAL_STAGE = "eval"
+RELEASE_DIR = "release"
+
+
+def stage_rel(stage: str) -> str:
+    """``artifacts/<stage>``: a stage's output folder, relative to the workspace."""
+    return f"{ARTIFACTS}/{stage}"
+
+
+def checkpoint_rel(stage: str, step: int) -> str:
+    """``artifacts/<stage>/checkpoints/step-N``, relative to the workspace."""
+    return f"{stage_rel(stage)}/checkpoints/{step_name(step)}"
+
+
+def state_rel(stage: str, step: int) -> str:
+    """``artifacts/<stage>/states/step-N``, relative to the workspace."""
+    return f"{stage_rel(stage)}/states/{step_name(step)}"
+
+
+EVAL_RESULTS = "results"
+
+
+def eval_result_rel(stage: str, step: int) -> str:
+    """``results/<stage>/step-N.json``, relative to the eval folder (workspace and bundle)."""
+    return f"{EVAL_RESULTS}/{stage}/{step_name(step)}.json"
+
+
+def eval_samples_rel(stage: str) -> str:
+    """``samples/<stage>.jsonl``, relative to the eval folder (workspace and bundle)."""
+    return f"samples/{stage}.jsonl"
+
+
+EVAL_METRICS = "metrics.json"
+EVAL_CURVE = "curve.csv"
+EVAL_PLOTS = "plots"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The paths of one project folder."""
+
+    root: Path
+
+    @property
+    def artifacts(self) -> Path:
+        """``artifacts/``: every stage's outputs."""
+        return self.root / ARTIFACTS
+
+    @property
+    def params(self) -> Path:
+        """``params.yaml``."""
+        return self.root / PARAMS
+
+    def stage_dir(self, stage: str) -> Path:
+        """``artifacts/<stage>``."""
+        return self.root / stage_rel(stage)
+
+    def data(self, out_dir: str) -> Path:
+        """The data stage's folder: ``out_dir`` (params ``data.out_dir``) under the root."""
+        return self.root / out_dir
+
+    def checkpoints(self, stage: str) -> Path:
+        """``artifacts/<stage>/checkpoints``: the release checkpoints."""
+        return self.stage_dir(stage) / "checkpoints"
+
+    def checkpoint(self, stage: str, step: int) -> Path:
+        """``artifacts/<stage>/checkpoints/step-N``."""
+        return self.root / checkpoint_rel(stage, step)
+
+    def states(self, stage: str) -> Path:
+        """``artifacts/<stage>/states``: resumable training states (DVC does not track them)."""
+        return self.stage_dir(stage) / "states"
+
+    def state(self, stage: str, step: int) -> Path:
+        """``artifacts/<stage>/states/step-N``."""
+        return self.root / state_rel(stage, step)
+
+    def stage_manifest(self, stage: str) -> Path:
+        """``artifacts/<stage>/manifest.json``."""
+        return self.stage_dir(stage) / STAGE_MANIFEST
+
+    def record(self, stage: str) -> Path:
+        """``artifacts/<stage>/record.json``."""
+        return self.stage_dir(stage) / RECORD
+
+    def metrics(self, stage: str) -> Path:
+        """``artifacts/<stage>/metrics.jsonl``."""
+        return self.stage_dir(stage) / METRICS
+
+    @property
+    def eval_dir(self) -> Path:
+        """``artifacts/eval``."""
+        return self.stage_dir(EVAL_STAGE)
+
+    @property
+    def eval_results(self) -> Path:
+        """``artifacts/eval/results``: one JSON per evaluated checkpoint."""
+        return self.eval_dir / EVAL_RESULTS
+
+    def eval_result(self, stage: str, step: int) -> Path:
+        """``artifacts/eval/results/<stage>/step-N.json``."""
+        return self.eval_dir / eval_result_rel(stage, step)
+
+    @property
+    def certificate(self) -> Path:
+        """``artifacts/certificate.json``: the last `bundle --certify` replay."""
+        return self.artifacts / CERTIFICATE
+
+    @property
+    def release(self) -> Path:
+        """``release/``: the bundle `dvc repro` builds."""
+        return self.root / RELEASE_DIR
+
+    @property
+    def audit(self) -> Path:
+        """``audit.json``: the audit report of ``release/``."""
+        return self.root / AUDIT
+
+
+# --------------------------------------------------------------------------- bundle
+
+CERTIFICATE_REL = f"{ARTIFACTS}/{CERTIFICATE}"
+"""The certificate's place, relative to the workspace (the bundle keeps it at its root)."""
+
+
+def bundle_checkpoint_rel(stage: str, step: int) -> str:
+    """``checkpoints/<stage>/step-N`` in a bundle."""
+    return f"checkpoints/{stage}/{step_name(step)}"
+
+
+BUNDLE_CHECKPOINT_DIR = r"checkpoints/[^/]+/step-\d+"
+"""Regex source of a checkpoint folder in a bundle (no groups, for composing rules)."""
+BUNDLE_CHECKPOINT_FILE = re.compile(r"checkpoints/(?P<stage>[^/]+)/step-(?P<step>\d+)/(?P<rest>.+)")
+"""A file of a bundle checkpoint: ``checkpoints/<stage>/step-N/<rest>``."""
+STEP_DIR = re.compile(r"step-(?P<step>\d+)")
+"""A ``step-N`` folder name."""
+
+
+def bundle_state_rel(stage: str, step: int) -> str:
+    """``states/<stage>/step-N`` in a bundle."""
+    return f"states/{stage}/{step_name(step)}"
+
+
+def bundle_log_rel(stage: str, name: str) -> str:
+    """``logs/<stage>/<name>`` in a bundle (``metrics.jsonl``, ``record.json``)."""
+    return f"logs/{stage}/{name}"
+
+
+class BundleSection:
+    """The top-level folders of a bundle, one per kind of MOF evidence."""
+
+    MODEL = "model"
+    CHECKPOINTS = "checkpoints"
+    STATES = "states"
+    DATA = "data"
+    EVALS = "evals"
+    LOGS = "logs"
+    CONFIGS = "configs"
+    CODE = "code"
+    DOCS = "docs"
+    SBOM = "sbom"
+    LICENSES = "licenses"
+    SIGNATURES = "signatures"
+
+
+BUNDLE_PARAMS = f"{BundleSection.CONFIGS}/{PARAMS}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """The paths of one release bundle."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        """``MANIFEST.json``."""
+        return self.root / BUNDLE_MANIFEST
+
+    @property
+    def params(self) -> Path:
+        """``configs/params.yaml``."""
+        return self.root / BUNDLE_PARAMS
+
+    @property
+    def data_dir(self) -> Path:
+        """``data/``."""
+        return self.root / BundleSection.DATA
+
+    def checkpoints(self, stage: str) -> Path:
+        """``checkpoints/<stage>``."""
+        return self.root / BundleSection.CHECKPOINTS / stage
+
+    def checkpoint(self, stage: str, step: int) -> Path:
+        """``checkpoints/<stage>/step-N``."""
+        return self.root / bundle_checkpoint_rel(stage, step)
+
+    def states(self, stage: str) -> Path:
+        """``states/<stage>``."""
+        return self.root / BundleSection.STATES / stage
+
+    def state(self, stage: str, step: int) -> Path:
+        """``states/<stage>/step-N``."""
+        return self.root / bundle_state_rel(stage, step)
+
+    @property
+    def eval_dir(self) -> Path:
+        """``evals/``: the same layout as a workspace's ``artifacts/eval``."""
+        return self.root / BundleSection.EVALS
+
+    def log(self, stage: str, name: str) -> Path:
+        """``logs/<stage>/<name>``."""
+        return self.root / bundle_log_rel(stage, name)
+
+    def record(self, stage: str) -> Path:
+        """``logs/<stage>/record.json``."""
+        return self.log(stage, RECORD)
+
+    def metrics(self, stage: str) -> Path:
+        """``logs/<stage>/metrics.jsonl``."""
+        return self.log(stage, METRICS)
+
+    @property
+    def signatures(self) -> Path:
+        """``signatures/``: detached signatures, never listed in MANIFEST.json."""
+        return self.root / BundleSection.SIGNATURES
+
+    def is_bundle(self) -> bool:
+        """True when the folder holds a MANIFEST.json and configs/params.yaml."""
+        return self.manifest.is_file() and self.params.is_file()
