@@ -24,7 +24,8 @@ import transformers
 
 from openrelease.params import ComputeParams, ModelParams, TrainStageParams
 from openrelease.train import distributed
-from openrelease.train.loop import MicroBatch, TrainJob, run_training
+from openrelease.train.job import MicroBatch, TrainJob
+from openrelease.train.loop import run_training
 from openrelease.train.model import SpecialTokens, build_model, count_params, flops_per_token
 
 BIG = ModelParams(

@@ -23,7 +23,7 @@ from openrelease.params import PipelineParams, load_params
 from openrelease.train import rl, run_stage
 from openrelease.train.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.train.distributed import DistContext
-from openrelease.train.loop import TrainJob
+from openrelease.train.job import TrainJob
 
 GRPO_METRICS = ("reward", "accuracy", "format", "kl", "clip_frac", "response_len")
 TORCHRUN = Path(sys.executable).parent / "torchrun"

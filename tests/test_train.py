@@ -23,7 +23,8 @@ from openrelease.params import PipelineParams, TrainStageParams, load_params
 from openrelease.train import main_from_cli, run_stage
 from openrelease.train.checkpoint import final_checkpoint, list_checkpoints
 from openrelease.train.distributed import DistContext
-from openrelease.train.loop import IGNORE_INDEX, lr_at
+from openrelease.train.job import IGNORE_INDEX
+from openrelease.train.loop import lr_at
 from openrelease.train.sft import ChatSource
 
 ENTRY = """\
@@ -266,6 +267,28 @@ def test_launch_commands() -> None:
     )
     assert slurm[:5] == ["srun", "--nodes", "2", "--ntasks-per-node", "8"]
     assert slurm[-2:] == ["--params", "pipelines/small.yaml"]
+
+    # resolve=True: what `openrelease launch` runs (this interpreter; srun nodes find python).
+    here = launch_command(ComputeParams(launcher="python"), stage="sft", resolve=True)
+    assert here == [sys.executable, *one[1:]]
+    here = launch_command(ComputeParams(nproc_per_node=8), stage="pretrain", resolve=True)
+    assert here == [sys.executable, "-m", "torch.distributed.run", *local[1:]]
+    srun = ComputeParams(launcher="srun", nproc_per_node=8, nnodes=2, rdzv_endpoint="n0:29500")
+    assert launch_command(srun, stage="sft", resolve=True) == launch_command(srun, stage="sft")
+
+
+def test_replay_worker_argv_comes_from_the_launch_builder(tmp_path: Path) -> None:
+    from openrelease.params import ComputeParams
+    from openrelease.reproduce.replay import WORKER, main, worker_entry
+    from openrelease.train.launch import launcher_argv
+
+    entry = worker_entry("pretrain", tmp_path, stop_at_step=8, report=tmp_path / "r.json")
+    assert entry == ["-m", WORKER, "pretrain", str(tmp_path), "8", str(tmp_path / "r.json")]
+    argv = launcher_argv(ComputeParams(launcher="torchrun", nproc_per_node=2), entry, resolve=True)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert argv[-len(entry) :] == entry and "--standalone" in argv
+    with pytest.raises(SystemExit):
+        main(["pre-train", str(tmp_path), "8", "r.json"])  # argparse names the stages
 
 
 @pytest.mark.slow

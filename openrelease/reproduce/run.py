@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 import openrelease
 from openrelease.errors import ArtifactError, ParamsError
+from openrelease.layout import DATA_POINTERS, STAGE_MANIFEST, STATE_FILE, Bundle, Workspace
 from openrelease.manifest import (
     CheckpointMeta,
     DataManifest,
@@ -31,22 +32,18 @@ from openrelease.manifest import (
     write_json,
 )
 from openrelease.params import STAGES, PipelineParams, StageName, load_params
+from openrelease.reproduce.diff import CheckpointDiff, diff_checkpoints
 from openrelease.reproduce.replay import (
-    CheckpointDiff,
     ReplayError,
     build_scratch,
     device_name,
-    diff_checkpoints,
     local_env,
     run_replay,
     scratch_for,
 )
-from openrelease.train import INIT_FROM, stage_params_digest
+from openrelease.train import INIT_FROM, TrainReport, stage_params_digest
 from openrelease.train import checkpoint as ckpt
-from openrelease.train.loop import TrainReport
 
-CERTIFICATE_FILE = "certificate.json"
-"""Written to ``artifacts/`` by `certify`; a bundle carries it at its root."""
 GUARANTEE = (
     "bitwise identical sha256 when replayed with the recorded world size and thread count on "
     "the same hardware class with compute.deterministic; elsewhere the drift is measured"
@@ -90,67 +87,36 @@ class ReproduceReport(CheckpointDiff):
 # --------------------------------------------------------------------------- where things are
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where a workspace or a bundle keeps what a replay reads."""
-
-    kind: Literal["workspace", "bundle"]
-    root: Path
-
-    @property
-    def params_path(self) -> Path:
-        return self.root / ("configs/params.yaml" if self.kind == "bundle" else "params.yaml")
-
-    def data_dir(self, params: PipelineParams) -> Path:
-        return self.root / ("data" if self.kind == "bundle" else params.data.out_dir)
-
-    def checkpoints(self, stage: str) -> Path:
-        if self.kind == "bundle":
-            return self.root / "checkpoints" / stage
-        return ckpt.stage_dir(self.root, stage) / "checkpoints"
-
-    def states(self, stage: str) -> Path:
-        if self.kind == "bundle":
-            return self.root / "states" / stage
-        return ckpt.stage_dir(self.root, stage) / "states"
-
-    def log(self, stage: str, name: str) -> Path:
-        """metrics.jsonl or record.json of ``stage``."""
-        if self.kind == "bundle":
-            return self.root / "logs" / stage / name
-        return ckpt.stage_dir(self.root, stage) / name
-
-    def more_states_hint(self, stage: str) -> str:
-        if self.kind == "bundle":
-            return "release.retention.state_every_k keeps more in a bundle"
-        return f"{stage}.state_every and {stage}.keep_last_states keep more"
+Target = Workspace | Bundle
+"""What a replay reads: a workspace or a release bundle."""
 
 
-def _layout(target: Path) -> _Layout:
-    if (target / "MANIFEST.json").is_file() and (target / "configs/params.yaml").is_file():
-        return _Layout("bundle", target)
-    if (target / "artifacts").is_dir():
-        return _Layout("workspace", target)
+def _target(path: Path) -> Target:
+    bundle = Bundle(path)
+    if bundle.is_bundle():
+        return bundle
+    workspace = Workspace(path)
+    if workspace.artifacts.is_dir():
+        return workspace
     raise ParamsError(
-        f"{target} is neither a workspace (holds artifacts/) nor a release bundle "
+        f"{path} is neither a workspace (holds artifacts/) nor a release bundle "
         "(holds MANIFEST.json and configs/params.yaml)."
     )
 
 
-def _state_steps(states_dir: Path) -> dict[int, Path]:
-    """Complete training states (with state.json) by step."""
-    if not states_dir.is_dir():
-        return {}
-    found = {}
-    for child in states_dir.iterdir():
-        step = child.name.removeprefix("step-")
-        if (
-            child.name.startswith("step-")
-            and step.isdigit()
-            and (child / ckpt.STATE_FILE).is_file()
-        ):
-            found[int(step)] = child
-    return dict(sorted(found.items()))
+def _kind(target: Target) -> Literal["workspace", "bundle"]:
+    return "bundle" if isinstance(target, Bundle) else "workspace"
+
+
+def _data_dir(target: Target, params: PipelineParams) -> Path:
+    """The data stage's folder: ``data/`` in a bundle, ``data.out_dir`` in a workspace."""
+    return target.data_dir if isinstance(target, Bundle) else target.data(params.data.out_dir)
+
+
+def _more_states_hint(target: Target, stage: str) -> str:
+    if isinstance(target, Bundle):
+        return "release.retention.state_every_k keeps more in a bundle"
+    return f"{stage}.state_every and {stage}.keep_last_states keep more"
 
 
 def _choose_steps(
@@ -189,12 +155,12 @@ def _choose_steps(
 
 
 def _stage_params(
-    layout: _Layout, stage: StageName, given: PipelineParams | None, digest: str
+    target: Target, stage: StageName, given: PipelineParams | None, digest: str
 ) -> PipelineParams:
     """The params the recorded run used: the record's stage sections over the params file."""
-    base = given if given is not None else load_params(layout.params_path)
+    base = given if given is not None else load_params(target.params)
     candidates = [base]
-    record_path = layout.log(stage, "record.json")
+    record_path = target.record(stage)
     if record_path.is_file():
         recorded = read_model(record_path, StageRecord).params
         try:
@@ -207,29 +173,29 @@ def _stage_params(
             return params
     raise ParamsError(
         f"the recorded {stage} run used params with digest {digest[:19]}..., but "
-        f"{layout.params_path} (and {record_path.name}, if any) give "
+        f"{target.params} (and {record_path.name}, if any) give "
         f"{stage_params_digest(base, stage)[:19]}...; restore the params the run used."
     )
 
 
 def _find_init(
-    layout: _Layout, stage: StageName, digest: str | None
+    target: Target, stage: StageName, digest: str | None
 ) -> tuple[StageName, Path, CheckpointMeta] | None:
     """The checkpoint of the previous stage the recorded run started from (None: pretrain)."""
     if stage not in INIT_FROM:
         return None
     prev = INIT_FROM[stage]
-    for meta in ckpt.list_checkpoints(layout.checkpoints(prev)):
+    for meta in ckpt.list_checkpoints(target.checkpoints(prev)):
         if meta.checkpoint_digest == digest:
-            return prev, ckpt.step_dir(layout.checkpoints(prev), meta.step), meta
+            return prev, target.checkpoint(prev, meta.step), meta
     raise ArtifactError(
         f"the recorded {stage} run started from checkpoint {str(digest)[:19]}..., which no "
-        f"{prev} checkpoint under {layout.checkpoints(prev)} has; replay needs it."
+        f"{prev} checkpoint under {target.checkpoints(prev)} has; replay needs it."
     )
 
 
 def _check_state(state_dir: Path, identity: dict[str, str | None]) -> dict[str, Any]:
-    info: dict[str, Any] = read_json(state_dir / ckpt.STATE_FILE)
+    info: dict[str, Any] = read_json(state_dir / STATE_FILE)
     wrong = [k for k, v in identity.items() if info.get(k) != v]
     if wrong:
         raise ArtifactError(
@@ -239,17 +205,17 @@ def _check_state(state_dir: Path, identity: dict[str, str | None]) -> dict[str, 
     return info
 
 
-def _check_data(layout: _Layout, data_dir: Path, record: StageRecord | None) -> DataManifest:
+def _check_data(target: Target, data_dir: Path, record: StageRecord | None) -> DataManifest:
     """The data manifest, once the data is known to be the recorded run's and to be here."""
-    manifest = read_model(data_dir / "manifest.json", DataManifest)
+    manifest = read_model(data_dir / STAGE_MANIFEST, DataManifest)
     recorded = {i.name: i.digest for i in record.inputs} if record is not None else {}
     if recorded.get("data-manifest", manifest.data_digest) != manifest.data_digest:
         raise ArtifactError(
             f"the recorded run read data {recorded['data-manifest'][:19]}..., but {data_dir} "
             f"holds {manifest.data_digest[:19]}...; replay needs the recorded data."
         )
-    pointers = data_dir / "pointers.json"
-    if layout.kind == "bundle" and pointers.is_file():
+    pointers = data_dir / DATA_POINTERS
+    if isinstance(target, Bundle) and pointers.is_file():
         for entry in read_json(pointers)["files"]:
             if not (data_dir / entry["path"]).is_file():
                 raise ArtifactError(
@@ -274,7 +240,7 @@ def _version(dist: str) -> str:
 class _Replay:
     """A checked plan: what to replay, from which inputs, on how many processes."""
 
-    layout: _Layout
+    target: Target
     stage: StageName
     steps: tuple[int, int]
     params: PipelineParams
@@ -287,25 +253,25 @@ class _Replay:
 
 
 def _plan(
-    layout: _Layout,
+    target: Target,
     stage: StageName,
     span: tuple[int | None, int | None],
     given: PipelineParams | None,
 ) -> _Replay:
     """Choose the steps and check that the state, data and params belong to the recorded run."""
-    metas = ckpt.list_checkpoints(layout.checkpoints(stage))
+    metas = ckpt.list_checkpoints(target.checkpoints(stage))
     if not metas:
         raise ArtifactError(
-            f"{layout.checkpoints(stage)} holds no {stage} release checkpoint; nothing to replay."
+            f"{target.checkpoints(stage)} holds no {stage} release checkpoint; nothing to replay."
         )
-    states = _state_steps(layout.states(stage))
-    hint = layout.more_states_hint(stage)
+    states = ckpt.list_states(target.states(stage))
+    hint = _more_states_hint(target, stage)
     first, last = _choose_steps(stage, [m.step for m in metas], states, span, hint)
     meta = next(m for m in metas if m.step == last)
-    params = _stage_params(layout, stage, given, meta.params_digest)
-    record_path = layout.log(stage, "record.json")
+    params = _stage_params(target, stage, given, meta.params_digest)
+    record_path = target.record(stage)
     record = read_model(record_path, StageRecord) if record_path.is_file() else None
-    data = _check_data(layout, layout.data_dir(params), record)
+    data = _check_data(target, _data_dir(target, params), record)
     identity = {
         "params_digest": meta.params_digest,
         "data_digest": data.data_digest,
@@ -325,11 +291,11 @@ def _plan(
             f"{torch.cuda.device_count()} GPUs."
         )
     return _Replay(
-        layout=layout,
+        target=target,
         stage=stage,
         steps=(first, last),
         params=params,
-        init=_find_init(layout, stage, metas[0].parent_digest),
+        init=_find_init(target, stage, metas[0].parent_digest),
         state=(first, states[first]) if first else None,
         world_size=world_size,
         num_threads=int(info.get("num_threads") or env.get("num_threads") or compute.num_threads),
@@ -340,14 +306,14 @@ def _plan(
 def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[TrainReport, CheckpointDiff]:
     """Build the scratch workspace in ``root``, replay, and diff against the recorded checkpoint."""
     (first, last), stage = plan.steps, plan.stage
-    layout = plan.layout
+    target = plan.target
     scratch, params = scratch_for(
         stage,
         plan.params,
-        data_dir=layout.data_dir(plan.params),
+        data_dir=_data_dir(target, plan.params),
         init=plan.init,
         state=plan.state,
-        teacher_root=layout.root if layout.kind == "workspace" else None,
+        teacher_root=target.root if isinstance(target, Workspace) else None,
     )
     say(f"preparing a scratch workspace in {root}")
     build_scratch(root, scratch)
@@ -358,9 +324,9 @@ def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[TrainReport, Check
             f"the replay ran steps {replayed.start_step + 1}..{replayed.final_step}, "
             f"not {first + 1}..{last}; see the warnings above."
         )
-    recorded_dir = ckpt.step_dir(plan.layout.checkpoints(stage), last)
+    recorded_dir = target.checkpoint(stage, last)
     say(f"comparing with {recorded_dir}")
-    metrics = plan.layout.log(stage, "metrics.jsonl")
+    metrics = target.metrics(stage)
     diff = diff_checkpoints(recorded_dir, metrics, root=root, stage=stage, steps=(first + 1, last))
     return replayed, diff
 
@@ -403,7 +369,7 @@ def reproduce(
         ParamsError: ``target`` is no workspace or bundle, or its params are not the recorded.
         ReplayError: The replay process failed.
     """
-    plan = _plan(_layout(target), stage, (from_step, to_step), params)
+    plan = _plan(_target(target), stage, (from_step, to_step), params)
     root = Path(tempfile.mkdtemp(prefix=f"openrelease-replay-{stage}-", dir=work_dir))
     started = time.monotonic()
     try:
@@ -419,7 +385,7 @@ def reproduce(
     return ReproduceReport(
         **{**dict(diff), "notes": tuple(notes)},
         target=str(target),
-        layout=plan.layout.kind,
+        layout=_kind(plan.target),
         stage=stage,
         from_step=plan.steps[0],
         to_step=plan.steps[1],
@@ -451,9 +417,10 @@ def certify(
     Raises:
         ArtifactError: No stage has run, or a replay lacks an input (see `reproduce`).
     """
+    workspace = Workspace(project_dir)
     replays = []
     for stage in STAGES:
-        if (ckpt.stage_dir(project_dir, stage) / "manifest.json").is_file():
+        if workspace.stage_manifest(stage).is_file():
             report = reproduce(
                 project_dir, stage=stage, params=params, work_dir=work_dir, progress=progress
             )
@@ -468,5 +435,5 @@ def certify(
         guarantee=GUARANTEE,
         replays=tuple(replays),
     )
-    write_json(project_dir / "artifacts" / CERTIFICATE_FILE, certificate)
+    write_json(workspace.certificate, certificate)
     return certificate

@@ -32,6 +32,16 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.errors import ArtifactError
+from openrelease.layout import (
+    CHECKPOINT_META,
+    STATE_FILE,
+    TMP_PREFIX,
+    WEIGHTS,
+    Workspace,
+    checkpoint_rel,
+    step_name,
+    step_of,
+)
 from openrelease.manifest import (
     CheckpointMeta,
     FileEntry,
@@ -41,30 +51,14 @@ from openrelease.manifest import (
     write_json,
 )
 
-STATE_FILE = "state.json"
-META_FILE = "meta.json"
-WEIGHTS_FILE = "model.safetensors"
-TMP_PREFIX = ".tmp-"
-
-
-def step_dir(parent: Path, step: int) -> Path:
-    """``parent/step-<step>``: the folder of one checkpoint or training state."""
-    return parent / f"step-{step}"
-
-
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith("step-") or not name[5:].isdigit():
-        return None
-    return int(name[5:])
-
 
 def _complete_steps(parent: Path, marker: str) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of each ``step-N`` folder under ``parent`` holding ``marker``, by step."""
     if not parent.is_dir():
         return []
     found = []
     for child in parent.iterdir():
-        step = _step_of(child)
+        step = step_of(child.name)
         if step is not None and (child / marker).is_file():
             found.append((step, child))
     return sorted(found)
@@ -174,6 +168,11 @@ def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
 
 
+def list_states(states_dir: Path) -> dict[int, Path]:
+    """Every complete training state under ``states_dir`` (one with state.json), by step."""
+    return dict(_complete_steps(states_dir, STATE_FILE))
+
+
 def latest_state(states_dir: Path) -> Path | None:
     """The newest complete training state under ``states_dir`` (one with state.json), or None."""
     states = _complete_steps(states_dir, STATE_FILE)
@@ -270,10 +269,10 @@ def save_state(
     Raises:
         ArtifactError: The disk filled up; the partial state was removed.
     """
-    tmp = states_dir / f"{TMP_PREFIX}step-{step}"
+    tmp = states_dir / f"{TMP_PREFIX}{step_name(step)}"
     owner = _rank() == 0
     msd, osd = get_state_dict(model, optimizer)
-    pending = PendingState(tmp, step_dir(states_dir, step), info, keep_last)
+    pending = PendingState(tmp, states_dir / step_name(step), info, keep_last)
     pending.need_bytes = _nbytes(msd) + _nbytes(osd)
     with _writing(tmp, pending.final_dir, need_bytes=pending.need_bytes, owner=owner):
         if owner:
@@ -387,15 +386,15 @@ def write_release_checkpoint(
     Raises:
         ArtifactError: The disk filled up; the partial folder was removed, earlier ones are intact.
     """
-    tmp = checkpoints_dir / f"{TMP_PREFIX}step-{info.step}"
-    final = step_dir(checkpoints_dir, info.step)
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{step_name(info.step)}"
+    final = checkpoints_dir / step_name(info.step)
     tokenizer_bytes = sum(p.stat().st_size for p in tokenizer_dir.rglob("*") if p.is_file())
     with _writing(tmp, final, need_bytes=_nbytes(state_dict) + tokenizer_bytes):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_config(tmp)
         tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _copy_tree(tokenizer_dir, tmp)
         entries = []
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -416,7 +415,7 @@ def write_release_checkpoint(
             files=tuple(entries),
             checkpoint_digest=sha256_tree({e.path: e.sha256 for e in entries}),
         )
-        write_json(tmp / META_FILE, meta)
+        write_json(tmp / CHECKPOINT_META, meta)
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
     return meta
@@ -425,25 +424,20 @@ def write_release_checkpoint(
 def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointMeta]:
     """meta.json of every complete release checkpoint under ``checkpoints_dir``, by step."""
     return [
-        read_model(p / META_FILE, CheckpointMeta)
-        for _, p in _complete_steps(checkpoints_dir, META_FILE)
+        read_model(p / CHECKPOINT_META, CheckpointMeta)
+        for _, p in _complete_steps(checkpoints_dir, CHECKPOINT_META)
     ]
 
 
 def load_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The tensors of a release checkpoint's model.safetensors."""
-    path = checkpoint_dir / WEIGHTS_FILE
+    path = checkpoint_dir / WEIGHTS
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; re-run the stage that wrote it.", path=str(path))
     return load_file(str(path))
 
 
 # --------------------------------------------------------------------------- stage manifest
-
-
-def stage_dir(project_dir: Path, stage: str) -> Path:
-    """``project_dir/artifacts/<stage>``."""
-    return project_dir / "artifacts" / stage
 
 
 def write_stage_manifest(project_dir: Path, *, stage: str) -> StageManifest:
@@ -454,22 +448,19 @@ def write_stage_manifest(project_dir: Path, *, stage: str) -> StageManifest:
     Raises:
         ArtifactError: The stage has no complete checkpoint.
     """
-    root = stage_dir(project_dir, stage)
-    metas = list_checkpoints(root / "checkpoints")
+    workspace = Workspace(project_dir)
+    metas = list_checkpoints(workspace.checkpoints(stage))
     if not metas:
         raise ArtifactError(
-            f"{root}/checkpoints holds no checkpoint; run `openrelease train {stage}`."
+            f"{workspace.checkpoints(stage)} holds no checkpoint; run `openrelease train {stage}`."
         )
-    final = metas[-1]
     manifest = StageManifest(
         stage=stage,
-        final_step=final.step,
-        final_checkpoint=step_dir(root / "checkpoints", final.step)
-        .relative_to(project_dir)
-        .as_posix(),
+        final_step=metas[-1].step,
+        final_checkpoint=checkpoint_rel(stage, metas[-1].step),
         checkpoints=tuple(metas),
     )
-    write_json(root / "manifest.json", manifest)
+    write_json(workspace.stage_manifest(stage), manifest)
     return manifest
 
 
@@ -479,7 +470,7 @@ def final_checkpoint(project_dir: Path, stage: str) -> tuple[Path, CheckpointMet
     Raises:
         ArtifactError: The stage has not run, or its final checkpoint folder is gone.
     """
-    path = stage_dir(project_dir, stage) / "manifest.json"
+    path = Workspace(project_dir).stage_manifest(stage)
     if not path.is_file():
         raise ArtifactError(
             f"{path} is missing; run `openrelease train {stage}` (or `dvc repro {stage}`) first.",
@@ -487,7 +478,7 @@ def final_checkpoint(project_dir: Path, stage: str) -> tuple[Path, CheckpointMet
         )
     manifest = read_model(path, StageManifest)
     folder = project_dir / manifest.final_checkpoint
-    if not (folder / META_FILE).is_file():
+    if not (folder / CHECKPOINT_META).is_file():
         raise ArtifactError(
             f"{folder} listed in {path} is missing; re-run `dvc repro {stage}`.", path=str(folder)
         )

@@ -22,15 +22,9 @@ from openrelease.errors import ArtifactError
 from openrelease.params import GRPOParams
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
-from openrelease.train.loop import TrainJob
+from openrelease.train.job import IGNORE_INDEX, MicroBatch, StepOutcome, TrainJob
 from openrelease.train.model import build_model
-from openrelease.train.objective import (
-    IGNORE_INDEX,
-    MicroBatch,
-    StepOutcome,
-    all_reduce_sum,
-    optimizer_step,
-)
+from openrelease.train.objective import all_reduce_sum, optimizer_step
 from openrelease.train.rl import (
     Rollouts,
     clipped_objective,

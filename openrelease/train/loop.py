@@ -1,7 +1,8 @@
 """The one training loop every stage shares: batches, accumulation, AdamW, schedule, checkpoints.
 
-Stages differ only in their `BatchSource` and `Objective` (token cross-entropy by default, GRPO in
-train/grpo_stage.py); resume, signals, logging and the provenance hooks live here.
+Stages differ only in the `BatchSource` and `Objective` of their `TrainJob` (train/job.py; token
+cross-entropy by default, GRPO in train/grpo.py); resume, signals, logging and the provenance
+hooks live here.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,56 +25,16 @@ from pydantic import BaseModel, ConfigDict
 
 from openrelease.data.order import global_batch, order_digest, rank_slice
 from openrelease.errors import ArtifactError
-from openrelease.manifest import CheckpointMeta
-from openrelease.params import ComputeParams, ModelParams, TrainStageParams
+from openrelease.layout import STATE_FILE, Workspace
+from openrelease.params import TrainStageParams
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
-from openrelease.train.model import SpecialTokens, build_model, save_model_config
-from openrelease.train.objective import IGNORE_INDEX as IGNORE_INDEX  # re-exported
-from openrelease.train.objective import BatchSource as BatchSource  # re-exported
-from openrelease.train.objective import MicroBatch as MicroBatch  # re-exported
-from openrelease.train.objective import Objective, StepOutcome, TokenObjective, all_reduce_sum
+from openrelease.train.job import Objective, StepOutcome, TrainJob
+from openrelease.train.model import build_model, save_model_config
+from openrelease.train.objective import TokenObjective, all_reduce_sum
 from openrelease.train.progress import ProgressReporter
 
 logger = logging.getLogger(__name__)
-
-
-class Recorder(Protocol):
-    """Where rank 0 records metrics and release checkpoints (`openrelease.record.tracking`)."""
-
-    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        """Record one step's metrics."""
-        ...
-
-    def log_checkpoint(self, meta: CheckpointMeta, *, path: Path) -> None:
-        """Record a release checkpoint written at ``path``."""
-        ...
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """Everything one stage run needs; built by `openrelease.train.run_stage`."""
-
-    stage: str
-    params: TrainStageParams
-    model: ModelParams
-    compute: ComputeParams
-    seed: int
-    project_dir: Path
-    source: BatchSource
-    data_digest: str
-    tokenizer_dir: Path
-    vocab_size: int
-    special: SpecialTokens
-    params_digest: str
-    init_checkpoint: Path | None = None
-    init_digest: str | None = None
-    objective: Objective[Any] | None = None
-    """None: next-token cross-entropy on ``source`` (`TokenObjective`)."""
-    recorder: Recorder | None = None
-    """Receives metrics and checkpoints on rank 0; None records only to files."""
-    stop_at_step: int | None = None
-    """Return after this step (a replay); the schedule still runs to ``params.num_steps``."""
 
 
 class TrainReport(BaseModel):
@@ -186,14 +146,14 @@ def _resume(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> _Position:
-    root = ckpt.stage_dir(job.project_dir, job.stage)
+    workspace, stage = Workspace(job.project_dir), job.stage
     if ctx.is_main:
-        ckpt.remove_partial(root / "states")
-        ckpt.remove_partial(root / "checkpoints")
+        ckpt.remove_partial(workspace.states(stage))
+        ckpt.remove_partial(workspace.checkpoints(stage))
     dist.barrier()
-    state_dir = ckpt.latest_state(root / "states")
+    state_dir = ckpt.latest_state(workspace.states(stage))
     if state_dir is not None:
-        saved = json.loads((state_dir / ckpt.STATE_FILE).read_text())
+        saved = json.loads((state_dir / STATE_FILE).read_text())
         if {k: saved.get(k) for k in _IDENTITY} != _identity(job):
             logger.warning(
                 "%s was written with other params, data or initial weights; starting afresh",
@@ -203,8 +163,12 @@ def _resume(
     dist.barrier()  # every rank has read the state before the main rank may remove it
     if state_dir is None:
         if ctx.is_main:
-            for name in ("states", "checkpoints", "manifest.json", "metrics.jsonl"):
-                path = root / name
+            for path in (
+                workspace.states(stage),
+                workspace.checkpoints(stage),
+                workspace.stage_manifest(stage),
+                workspace.metrics(stage),
+            ):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         dist.barrier()
         torch.manual_seed(job.seed + 1000 + ctx.rank)
@@ -213,7 +177,7 @@ def _resume(
     if info["world_size"] != ctx.world_size or info["num_threads"] != job.compute.num_threads:
         logger.warning("resuming with another world size or thread count: not bit-exact")
     if ctx.is_main:
-        _truncate_after(root, info["step"])
+        _truncate_after(workspace, stage, info["step"])
     dist.barrier()
     logger.info("resumed %s from %s", job.stage, state_dir)
     return _Position(
@@ -225,12 +189,12 @@ def _resume(
     )
 
 
-def _truncate_after(root: Path, step: int) -> None:
+def _truncate_after(workspace: Workspace, stage: str, step: int) -> None:
     """Drop checkpoints and metric lines past ``step``: the resumed run rewrites them."""
-    for meta in ckpt.list_checkpoints(root / "checkpoints"):
+    for meta in ckpt.list_checkpoints(workspace.checkpoints(stage)):
         if meta.step > step:
-            shutil.rmtree(ckpt.step_dir(root / "checkpoints", meta.step))
-    metrics = root / "metrics.jsonl"
+            shutil.rmtree(workspace.checkpoint(stage, meta.step))
+    metrics = workspace.metrics(stage)
     if metrics.is_file():
         keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
         metrics.write_text("".join(ln + "\n" for ln in keep))
@@ -257,9 +221,10 @@ def _release(
     state_dict = ckpt.gather_full_state_dict(model)
     config: Any = getattr(model, "config")  # noqa: B009 - set by transformers, untyped
     gbs = job.params.global_batch_size
+    workspace = Workspace(job.project_dir)
     if ctx.is_main:
         meta = ckpt.write_release_checkpoint(
-            ckpt.stage_dir(job.project_dir, job.stage) / "checkpoints",
+            workspace.checkpoints(job.stage),
             state_dict=state_dict,
             save_config=lambda folder: save_model_config(config, folder),
             tokenizer_dir=job.tokenizer_dir,
@@ -277,10 +242,7 @@ def _release(
         )
         logger.info("checkpoint step %d: %s", pos.step, meta.checkpoint_digest[:19])
         if job.recorder is not None:
-            folder = ckpt.step_dir(
-                ckpt.stage_dir(job.project_dir, job.stage) / "checkpoints", pos.step
-            )
-            job.recorder.log_checkpoint(meta, path=folder)
+            job.recorder.log_checkpoint(meta, path=workspace.checkpoint(job.stage, pos.step))
     digest = [meta.checkpoint_digest if ctx.is_main else None]
     dist.broadcast_object_list(digest, src=0)
     pos.parent_digest, pos.last_checkpoint_step = digest[0], pos.step
@@ -305,7 +267,7 @@ def _save_state(
         "num_threads": job.compute.num_threads,
     }
     return ckpt.save_state(
-        ckpt.stage_dir(job.project_dir, job.stage) / "states",
+        Workspace(job.project_dir).states(job.stage),
         step=pos.step,
         model=model,
         optimizer=optimizer,
@@ -331,11 +293,11 @@ def run_training(job: TrainJob, ctx: distributed.DistContext) -> TrainReport:
     objective.start(job, ctx)
     pos = _resume(job, ctx, model, optimizer)
     start, started = pos.step, time.monotonic()
-    root = ckpt.stage_dir(job.project_dir, job.stage)
+    workspace, stage = Workspace(job.project_dir), job.stage
     if ctx.is_main and job.recorder is not None:
         # A resumed run's record must still list the checkpoints written before the stop.
-        for meta in ckpt.list_checkpoints(root / "checkpoints"):
-            job.recorder.log_checkpoint(meta, path=ckpt.step_dir(root / "checkpoints", meta.step))
+        for meta in ckpt.list_checkpoints(workspace.checkpoints(stage)):
+            job.recorder.log_checkpoint(meta, path=workspace.checkpoint(stage, meta.step))
     state_every = p.state_every or p.checkpoint_every
     end = min(p.num_steps, job.stop_at_step or p.num_steps)
     pending: ckpt.PendingState | None = None
@@ -380,15 +342,15 @@ def run_training(job: TrainJob, ctx: distributed.DistContext) -> TrainReport:
                 pending = _save_state(job, ctx, model, optimizer, pos)
         if pending is not None:
             pending.finish()
-    if interrupted and ckpt.latest_state(root / "states") != ckpt.step_dir(
-        root / "states", pos.step
+    if interrupted and ckpt.latest_state(workspace.states(stage)) != workspace.state(
+        stage, pos.step
     ):
         _save_state(job, ctx, model, optimizer, pos).finish()
     manifest_path = None
     if not interrupted and pos.step == p.num_steps:
         if ctx.is_main:
-            ckpt.write_stage_manifest(job.project_dir, stage=job.stage)
-        manifest_path = str(root / "manifest.json")
+            ckpt.write_stage_manifest(job.project_dir, stage=stage)
+        manifest_path = str(workspace.stage_manifest(stage))
     dist.barrier()
     return TrainReport(
         stage=job.stage,
@@ -416,9 +378,9 @@ def _log_metrics(
         "tokens_per_s": round(tps, 1),
         **outcome.metrics,
     }
-    root = ckpt.stage_dir(job.project_dir, job.stage)
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / "metrics.jsonl").open("a", encoding="utf-8") as f:
+    path = Workspace(job.project_dir).metrics(job.stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
     if job.recorder is not None:
         job.recorder.log_metrics(row, step=step)

@@ -1,12 +1,9 @@
-"""What a training step optimises: the `Objective` protocol and its token cross-entropy default.
+"""The token cross-entropy objective (pretrain, sft, distill) and the step helpers objectives share.
 
-Also the batch types stages hand to it and the collective helpers objectives share.
+The `Objective` protocol it implements, and the batch types, live in train/job.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,83 +12,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from openrelease.train import distributed
-
-if TYPE_CHECKING:
-    from openrelease.train.loop import TrainJob
-
-IGNORE_INDEX = -100
-BatchT = TypeVar("BatchT")
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """One forward pass on one rank; ``labels`` align with ``input_ids`` (shifted in the loss)."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor | None
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) input tokens."""
-        if self.attention_mask is None:
-            return self.input_ids.numel()
-        return int(self.attention_mask.sum())
-
-    @property
-    def num_targets(self) -> int:
-        """Tokens that carry loss (after the shift)."""
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-class BatchSource(Protocol):
-    """Where a stage's samples come from; sample ``i`` is a pure function of ``i``."""
-
-    @property
-    def num_samples(self) -> int:
-        """Samples in the stage's dataset (the data order permutes these)."""
-        ...
-
-    def micro_batches(self, indices: list[int], *, micro_batch_size: int) -> list[MicroBatch]:
-        """Turn this rank's sample indices of one step into micro-batches."""
-        ...
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What one optimizer step did, summed or averaged over every rank."""
-
-    loss: float
-    tokens: int
-    """Real tokens processed on all ranks (added to tokens seen)."""
-    grad_norm: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    """Stage-specific values for metrics.jsonl and MLflow (reward, kl, ...)."""
-
-
-class Objective(Protocol[BatchT]):
-    """How a stage turns one step's samples into parameter updates."""
-
-    def start(self, job: TrainJob, ctx: distributed.DistContext) -> None:
-        """Build what the objective needs besides the policy (before any state is restored)."""
-        ...
-
-    def prepare(self, indices: list[int], *, job: TrainJob, step: int) -> BatchT:
-        """This rank's batch of step ``step`` from its sample indices; local, no collectives."""
-        ...
-
-    def update(
-        self,
-        batch: BatchT,
-        *,
-        job: TrainJob,
-        ctx: distributed.DistContext,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-    ) -> StepOutcome:
-        """Compute gradients and step the optimizer (lr already set); collective."""
-        ...
+from openrelease.train.job import IGNORE_INDEX, MicroBatch, StepOutcome, TrainJob
 
 
 def all_reduce_sum(values: list[float], ctx: distributed.DistContext) -> list[float]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from openrelease.data.store import DataStore
-from openrelease.train.objective import MicroBatch
+from openrelease.train.job import MicroBatch
 
 
 class PackedSource:

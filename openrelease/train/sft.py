@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from openrelease.errors import ArtifactError
-from openrelease.train.objective import IGNORE_INDEX, MicroBatch
+from openrelease.train.job import IGNORE_INDEX, MicroBatch
 
 USER, ASSISTANT, EOS = "<|user|>", "<|assistant|>", "<|eos|>"
 

@@ -36,6 +36,7 @@ from cli_checks import assert_clean_error, invoke
 from torchrun_jobs import kill_tree
 
 from openrelease.digest import sha256_file, sha256_tree
+from openrelease.layout import CHECKPOINT_META, STATE_FILE, TMP_PREFIX, WEIGHTS, Workspace
 from openrelease.manifest import CheckpointMeta, StageRecord, read_json, read_model
 from openrelease.params import StageName, load_params
 from openrelease.train import checkpoint as ckpt
@@ -229,7 +230,7 @@ def reference(base: Path) -> Path:
 
 
 def _digests(project: Path, stage: str) -> list[tuple[int, str]]:
-    metas = ckpt.list_checkpoints(ckpt.stage_dir(project, stage) / "checkpoints")
+    metas = ckpt.list_checkpoints(Workspace(project).stage_dir(stage) / "checkpoints")
     return [(m.step, m.checkpoint_digest) for m in metas]
 
 
@@ -289,19 +290,19 @@ def _finish(project: Path, stage: str, hook_dir: Path) -> dict[str, int]:
 
 
 def _partials(project: Path, stage: str) -> list[str]:
-    root = ckpt.stage_dir(project, stage)
+    root = Workspace(project).stage_dir(stage)
     return sorted(
         f"{sub}/{p.name}"
         for sub in ("checkpoints", "states")
         if (root / sub).is_dir()
         for p in (root / sub).iterdir()
-        if p.name.startswith(ckpt.TMP_PREFIX)
+        if p.name.startswith(TMP_PREFIX)
     )
 
 
 def _latest_state_step(project: Path, stage: str) -> int:
-    state = ckpt.latest_state(ckpt.stage_dir(project, stage) / "states")
-    return 0 if state is None else int(read_json(state / ckpt.STATE_FILE)["step"])
+    state = ckpt.latest_state(Workspace(project).stage_dir(stage) / "states")
+    return 0 if state is None else int(read_json(state / STATE_FILE)["step"])
 
 
 # --------------------------------------------------------------------------- SIGKILL x 10
@@ -328,11 +329,11 @@ def _kill_and_resume(
     finally:
         kill_tree(proc, timeout=30)
     problems = [] if proc.returncode == -signal.SIGKILL else [f"exit {proc.returncode}"]
-    tmp = f"{ckpt.TMP_PREFIX}step-{point.step}"
-    root = ckpt.stage_dir(project, point.stage)
+    tmp = f"{TMP_PREFIX}step-{point.step}"
+    root = Workspace(project).stage_dir(point.stage)
     if point.phase == "release-write":
         folder = root / "checkpoints" / tmp
-        if not (folder / ckpt.WEIGHTS_FILE).is_file() or (folder / ckpt.META_FILE).exists():
+        if not (folder / WEIGHTS).is_file() or (folder / CHECKPOINT_META).exists():
             problems.append(f"not killed mid-write of checkpoints/{tmp}: {partials}")
     if point.phase == "state-write" and f"states/{tmp}" not in partials:
         problems.append(f"not killed mid-write of states/{tmp}: {partials}")
@@ -390,8 +391,8 @@ def test_sigterm_saves_the_current_step_and_exits_143(
     finally:
         kill_tree(proc, timeout=30)
     assert rc == 143, _logs(project)
-    root = ckpt.stage_dir(project, "pretrain")
-    assert read_json(root / "states/step-3" / ckpt.STATE_FILE)["step"] == 3
+    root = Workspace(project).stage_dir("pretrain")
+    assert read_json(root / "states/step-3" / STATE_FILE)["step"] == 3
     assert read_model(root / "record.json", StageRecord).status == "KILLED"
     assert not (root / "manifest.json").exists()
     assert len((root / "metrics.jsonl").read_text().splitlines()) == 3
@@ -407,9 +408,9 @@ def test_sigterm_saves_the_current_step_and_exits_143(
 
 def _assert_valid_checkpoint(folder: Path) -> None:
     """Every file meta.json lists is there with its sha256; the digest covers exactly them."""
-    meta = read_model(folder / ckpt.META_FILE, CheckpointMeta)
+    meta = read_model(folder / CHECKPOINT_META, CheckpointMeta)
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert on_disk == {f.path for f in meta.files} | {ckpt.META_FILE}
+    assert on_disk == {f.path for f in meta.files} | {CHECKPOINT_META}
     for entry in meta.files:
         assert sha256_file(folder / entry.path) == entry.sha256, entry.path
     assert sha256_tree({f.path: f.sha256 for f in meta.files}) == meta.checkpoint_digest
