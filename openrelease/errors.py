@@ -1,6 +1,8 @@
 """The exception tree: every error a user can fix derives from OpenReleaseError.
 
-Messages name the thing and the fix; `cli.main` prints them on one line and exits 1.
+Messages name the thing and the fix. Library code only raises them; the CLI's root command
+group (`openrelease.cli.app.OpenReleaseGroup.invoke`, which runs every command for `main()` and
+for `CliRunner().invoke(app)` alike) prints one ``error:`` line and exits 1.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 Final model on ``main``, each checkpoint on branch ``<stage>-step<N>``, data in ``<name>-data``;
 a rerun uploads only what the remote lacks (by LFS sha256). The token is never logged.
+`plan_publish` verifies the bundle and reads the remote once; `execute_publish` uploads that
+plan; `publish_bundle` does both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,10 +32,12 @@ from openrelease import __version__
 from openrelease.audit.report import audit_folder
 from openrelease.digest import PREFIX, bare_hex, sha256_bytes, sha256_file
 from openrelease.errors import PublishError
+from openrelease.layout import BUNDLE_CHECKPOINT_FILE, BUNDLE_MANIFEST, CHECKPOINT_META, Bundle
 from openrelease.manifest import BundleManifest, CheckpointMeta, read_model
-from openrelease.verify.untrusted import unsafe_path_reason
+from openrelease.secrets import find_secret, refusal_patterns
 from openrelease.verify.bundle import load_bundle_manifest, verify_bundle
 from openrelease.verify.hub import HUB_ERRORS, describe_hub_error
+from openrelease.verify.untrusted import unsafe_path_reason
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +45,6 @@ ProgressFn = Callable[[int, int], None]
 """Called with (bytes uploaded so far, total bytes to upload) after each file."""
 
 RepoType = Literal["model", "dataset"]
-_CHECKPOINT = re.compile(r"checkpoints/(?P<stage>[^/]+)/step-(?P<step>\d+)/(?P<rest>.+)")
-_SECRETS = (
-    ("a Hugging Face token", re.compile(rb"\bhf_[A-Za-z0-9]{30,}")),
-    ("a private key", re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")),
-    ("an AWS access key id", re.compile(rb"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
-    ("an AWS secret key", re.compile(rb"(?i)aws_secret_access_key\s*[=:]\s*\S{20,}")),
-    ("a GitHub token", re.compile(rb"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,})")),
-)
-_SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|PRIVATE|CREDENTIAL|AUTH(?!OR)", re.I)
 _SCAN_CHUNK, _SCAN_OVERLAP, _MAX_HEADER = 1 << 20, 4096, 100 << 20
 _HINTS = {
     403: "the token cannot write to this namespace; use a token with write access",
@@ -146,26 +140,6 @@ class _Target:
 # --------------------------------------------------------------------------- checks
 
 
-def _env_secrets() -> list[tuple[str, re.Pattern[bytes]]]:
-    """The values of secret-named environment variables that look like keys (HF_TOKEN, ...).
-
-    A value counts when it is 16+ characters of letters and digits with no space or ``@`` and
-    is not a path, so ``GIT_AUTHOR_EMAIL`` or ``SSH_AUTH_SOCK`` never block a release.
-    """
-    found = []
-    for name, value in sorted(os.environ.items()):
-        looks_random = (
-            len(value) >= 16
-            and not re.search(r"[\s@]", value)
-            and not value.startswith(("/", "~", "."))
-            and re.search(r"[A-Za-z]", value) is not None
-            and re.search(r"[0-9]", value) is not None
-        )
-        if looks_random and _SECRET_ENV.search(name):
-            found.append((f"the value of ${name}", re.compile(re.escape(value.encode()))))
-    return found
-
-
 def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
     """Refuse a bundle holding secret-like content.
 
@@ -176,7 +150,7 @@ def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
     Raises:
         PublishError: Naming the first file with secret-like content (never the secret).
     """
-    patterns = [*_SECRETS, *_env_secrets()]
+    patterns = refusal_patterns()
     for rel in paths:
         path = bundle_dir / rel
         with path.open("rb") as f:
@@ -188,12 +162,11 @@ def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
             tail = b""
             for chunk in chunks:
                 window, tail = tail + chunk, (tail + chunk)[-_SCAN_OVERLAP:]
-                for what, pattern in patterns:
-                    if pattern.search(window):
-                        raise PublishError(
-                            f"{rel} contains what looks like {what}; remove it, rebuild the "
-                            "bundle and revoke the secret if it was real."
-                        )
+                if (what := find_secret(window, patterns)) is not None:
+                    raise PublishError(
+                        f"{rel} contains what looks like {what}; remove it, rebuild the "
+                        "bundle and revoke the secret if it was real."
+                    )
 
 
 def _verified_manifest(
@@ -273,17 +246,18 @@ def plan_targets(bundle_dir: Path, manifest: BundleManifest, *, repo_id: str) ->
     branches: dict[str, _Target] = {}
     metas: dict[str, Path] = {}
     files = [(e.path, e.size, e.sha256) for e in manifest.files]
-    signatures = sorted(p for p in (bundle_dir / "signatures").rglob("*") if p.is_file())
+    bundle = Bundle(bundle_dir)
+    signatures = sorted(p for p in bundle.signatures.rglob("*") if p.is_file())
     files += [(p.relative_to(bundle_dir).as_posix(), p.stat().st_size, "") for p in signatures]
-    files.append(("MANIFEST.json", (bundle_dir / "MANIFEST.json").stat().st_size, ""))
+    files.append((BUNDLE_MANIFEST, bundle.manifest.stat().st_size, ""))
     for rel, size, sha256 in files:
         local = bundle_dir / rel
         item = _Item(rel, size, sha256 or sha256_file(local), local)
-        if match := _CHECKPOINT.fullmatch(rel):
+        if match := BUNDLE_CHECKPOINT_FILE.fullmatch(rel):
             name = f"{match['stage']}-step{int(match['step'])}"
             target = branches.setdefault(name, _Target(repo_id, "model", name))
             _add(target, replace(item, path_in_repo=match["rest"]), rel)
-            if match["rest"] == "meta.json":
+            if match["rest"] == CHECKPOINT_META:
                 metas[name] = local
         elif rel.startswith("model/"):
             _add(main, replace(item, path_in_repo=rel.removeprefix("model/")), rel)
@@ -503,7 +477,108 @@ def _report(
     )
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- entry points
+
+
+def _require_token(token: str | None) -> None:
+    if token is None:
+        raise PublishError("no Hugging Face token; set HF_TOKEN or run `hf auth login`.")
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    """A verified bundle mapped onto its Hub targets, with what the Hub held when planned.
+
+    `plan_publish` makes one; `execute_publish` uploads it. ``report`` is the dry-run view:
+    every target and what would be uploaded.
+    """
+
+    report: PublishReport
+    repo_id: str
+    tag: str
+    token: str | None = field(repr=False)
+    api: HfApi = field(repr=False)
+    targets: list[_Target] = field(repr=False)
+    remote: _Remote = field(repr=False)
+
+
+def _report_fields(api: HfApi, targets: list[_Target], repo_id: str, tag: str) -> dict[str, object]:
+    has_data = targets[-1].repo_type == "dataset"
+    return {
+        "repo_id": repo_id,
+        "endpoint": api.endpoint,
+        "tag": tag,
+        "dry_run": True,
+        "dataset_repo_id": f"{repo_id}-data" if has_data else None,
+    }
+
+
+def plan_publish(
+    bundle_dir: Path,
+    *,
+    repo_id: str,
+    endpoint: str | None = None,
+    token: str | None = None,
+    revision_tag: str | None = None,
+    verify: VerifyFn = verify_bundle,
+    require_class: int | None = None,
+    require_token: bool = True,
+) -> PublishPlan:
+    """Verify a bundle once, read the remote once, and plan what publishing would upload.
+
+    Makes no state-changing request. Arguments are those of `publish_bundle`; with
+    ``require_token=False`` (a dry run, or a plan shown before asking) a missing token is
+    refused only by `execute_publish`.
+
+    Raises:
+        PublishError: The bundle fails verification or holds a secret, no token is available
+            (when required), or the Hub refused a read (one line, without the token).
+    """
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise PublishError(f"repo id {repo_id!r} is not ORG/NAME; pass --repo-id ORG/NAME.")
+    manifest = _verified_manifest(bundle_dir, verify, require_class)
+    targets = plan_targets(bundle_dir, manifest, repo_id=repo_id)
+    locals_ = [i.local for t in targets for i in t.items.values() if i.local is not None]
+    check_no_secrets(bundle_dir, [p.relative_to(bundle_dir).as_posix() for p in locals_])
+    token = token or get_token()
+    if require_token:
+        _require_token(token)
+    api = HfApi(
+        endpoint=endpoint, token=token, library_name="openrelease", library_version=__version__
+    )
+    tag = revision_tag or f"release-{bare_hex(manifest.bundle_digest)[:12]}"
+    with _hub_errors("reading the remote repos", token=token):
+        before = _Remote.read(api, targets)
+    _check_tag(before, targets, tag)
+    report = _report(targets, before, before, **_report_fields(api, targets, repo_id, tag))
+    return PublishPlan(report, repo_id, tag, token, api, targets, before)
+
+
+def execute_publish(
+    plan: PublishPlan, *, private: bool = False, progress: ProgressFn | None = None
+) -> PublishReport:
+    """Upload what the plan found missing, tag each repo's main, and read the result back.
+
+    Args:
+        plan: From `plan_publish`.
+        private: Create missing repos as private (existing repos keep their visibility).
+        progress: Optional callback ``(bytes uploaded, bytes to upload)`` after each file.
+
+    Returns:
+        Every target with what was uploaded, and any remaining difference from the manifest.
+
+    Raises:
+        PublishError: No token is available, or the Hub refused a request (one line, without
+            the token).
+    """
+    _require_token(plan.token)
+    api, targets, before = plan.api, plan.targets, plan.remote
+    with _hub_errors(f"publishing to {plan.repo_id}", token=plan.token), _quiet_hub_progress():
+        _create_refs(api, targets, before, private=private)
+        _push(api, targets, before, tag=plan.tag, progress=progress)
+        after = _Remote.read(api, targets)
+    fields = {**_report_fields(api, targets, plan.repo_id, plan.tag), "dry_run": False}
+    return _report(targets, before, after, **fields)
 
 
 def publish_bundle(
@@ -520,6 +595,8 @@ def publish_bundle(
     progress: ProgressFn | None = None,
 ) -> PublishReport:
     """Publish a release bundle to the Hub; a rerun uploads only what the remote lacks.
+
+    `plan_publish`, then (unless ``dry_run``) `execute_publish`.
 
     Args:
         bundle_dir: The release folder (MANIFEST.json at its root).
@@ -540,36 +617,16 @@ def publish_bundle(
         PublishError: The bundle fails verification or holds a secret, no token is available,
             or the Hub refused a request (one line, without the token).
     """
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise PublishError(f"repo id {repo_id!r} is not ORG/NAME; pass --repo-id ORG/NAME.")
-    manifest = _verified_manifest(bundle_dir, verify, require_class)
-    targets = plan_targets(bundle_dir, manifest, repo_id=repo_id)
-    locals_ = [i.local for t in targets for i in t.items.values() if i.local is not None]
-    check_no_secrets(bundle_dir, [p.relative_to(bundle_dir).as_posix() for p in locals_])
-    token = token or get_token()
-    if token is None and not dry_run:
-        raise PublishError("no Hugging Face token; set HF_TOKEN or run `hf auth login`.")
-    api = HfApi(
-        endpoint=endpoint, token=token, library_name="openrelease", library_version=__version__
-    )
-    tag = revision_tag or f"release-{bare_hex(manifest.bundle_digest)[:12]}"
-    with _hub_errors("reading the remote repos", token=token):
-        before = _Remote.read(api, targets)
-    _check_tag(before, targets, tag)
-    after = before
-    if not dry_run:
-        with _hub_errors(f"publishing to {repo_id}", token=token), _quiet_hub_progress():
-            _create_refs(api, targets, before, private=private)
-            _push(api, targets, before, tag=tag, progress=progress)
-            after = _Remote.read(api, targets)
-    has_data = targets[-1].repo_type == "dataset"
-    return _report(
-        targets,
-        before,
-        after,
+    plan = plan_publish(
+        bundle_dir,
         repo_id=repo_id,
-        endpoint=api.endpoint,
-        tag=tag,
-        dry_run=dry_run,
-        dataset_repo_id=f"{repo_id}-data" if has_data else None,
+        endpoint=endpoint,
+        token=token,
+        revision_tag=revision_tag,
+        verify=verify,
+        require_class=require_class,
+        require_token=not dry_run,
     )
+    if dry_run:
+        return plan.report
+    return execute_publish(plan, private=private, progress=progress)

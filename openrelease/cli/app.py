@@ -1,0 +1,165 @@
+"""The shared Typer `app`: the root command group, its options, consoles and progress helpers.
+
+Every error a command raises is mapped here, once, in `OpenReleaseGroup.invoke`: the root group
+runs every command (`main()` and `CliRunner().invoke(app)` alike), so both behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from typer.core import TyperGroup
+
+from openrelease import __version__, layout
+from openrelease.errors import OpenReleaseError
+from openrelease.params import StageName
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from typer._click import Context
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _debug() -> bool:
+    return os.environ.get("OPENRELEASE_DEBUG", "") not in ("", "0")
+
+
+class OpenReleaseGroup(TyperGroup):
+    """The root command group; it maps the errors of every command it runs.
+
+    An OpenReleaseError prints one ``error:`` line and exits 1; any other exception (a bug)
+    prints one ``internal error:`` line and exits 1; Ctrl-C exits 130. With OPENRELEASE_DEBUG=1
+    both errors propagate with their traceback. Usage errors (exit 2) and `typer.Exit` pass.
+    """
+
+    def invoke(self, ctx: Context) -> Any:
+        """Run the command line's command, mapping what it raises."""
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # exits and usage errors
+            raise
+        except OpenReleaseError as exc:
+            if _debug():
+                raise
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # the CLI boundary: a bug must not dump a traceback on users
+            if _debug():
+                raise
+            err.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                "(re-run with OPENRELEASE_DEBUG=1 for the traceback and report it)",
+                markup=True,
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="openrelease",
+    cls=OpenReleaseGroup,
+    help="Reproducible, verifiable, MOF-scored open LLM releases.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="Params file (a recipe from pipelines/).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+StageOpt = Annotated[StageName, typer.Option("--stage", help="Training stage.")]
+EndpointOpt = Annotated[
+    str | None, typer.Option("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co).")
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch or tag.")]
+DEFAULT_PARAMS = Path(layout.PARAMS)
+"""The default of every ``--params``: ``params.yaml`` in the current folder."""
+
+
+class MofClassName(StrEnum):
+    """A MOF class on the command line (I is the most open)."""
+
+    I = "I"  # noqa: E741 - the MOF's own name for the class
+    II = "II"
+    III = "III"
+
+    @property
+    def number(self) -> int:
+        """1, 2 or 3."""
+        return {"I": 1, "II": 2, "III": 3}[self.value]
+
+
+def print_json(obj: BaseModel | dict[str, Any]) -> None:
+    """Write a report (or a plain dict) to stdout as sorted, indented JSON."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def byte_progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+    """A byte bar on stderr (hidden off a terminal) and its ``(done, total)`` callback."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    task = bar.add_task(label, total=None)
+
+    def tick(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, tick
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"openrelease {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Reproducible, verifiable, MOF-scored open LLM releases."""
+    # Libraries (httpx, huggingface_hub, mlflow) log at WARNING; openrelease's progress at INFO.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("openrelease").setLevel(logging.DEBUG if _debug() else logging.INFO)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

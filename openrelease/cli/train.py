@@ -1,0 +1,230 @@
+"""Commands that train, evaluate and replay: train, launch, eval, plot, reproduce."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from openrelease import layout
+from openrelease.cli.app import (
+    DEFAULT_PARAMS,
+    JsonOpt,
+    ParamsOpt,
+    StageOpt,
+    app,
+    err,
+    out,
+    print_json,
+)
+from openrelease.params import StageName, load_params
+
+if TYPE_CHECKING:
+    from openrelease.manifest import EvalResult
+    from openrelease.reproduce.run import ReproduceReport
+
+
+# --------------------------------------------------------------------------- train, launch
+
+
+@app.command("train")
+def train_cmd(
+    stage: Annotated[StageName, typer.Argument(help="pretrain, sft, distill or grpo.")],
+    params: ParamsOpt = DEFAULT_PARAMS,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the launch command; train nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one training stage on this process (every rank of a torchrun job calls this)."""
+    if dry_run:
+        from openrelease.train.launch import launch_command
+
+        argv = launch_command(load_params(params).compute, stage=stage, params_path=str(params))
+        if as_json:
+            print_json({"argv": argv})
+        else:
+            out.print(" ".join(argv), highlight=False)
+        return
+    from openrelease.train import main_from_cli
+
+    report = main_from_cli(stage, params, Path.cwd())
+    if report.rank != 0:
+        return
+    if as_json:
+        print_json(report)
+    else:
+        loss = f"{report.final_loss:.4f}" if report.final_loss is not None else "-"
+        out.print(
+            f"{stage}: steps {report.start_step}->{report.final_step} on {report.world_size} "
+            f"process(es) in {report.seconds:.1f}s, loss {loss}, {report.tokens_seen} tokens",
+            highlight=False,
+        )
+    if report.interrupted:
+        err.print(f"{stage}: stopped by a signal after saving a resumable state", highlight=False)
+        raise typer.Exit(143)
+
+
+@app.command("launch")
+def launch_cmd(
+    stage: Annotated[StageName, typer.Argument(help="pretrain, sft, distill or grpo.")],
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Start a training stage with the launcher params choose (python, torchrun or srun).
+
+    This is what `dvc.yaml` runs; the exit code is the launcher's.
+    """
+    import subprocess
+
+    from openrelease.train.launch import launch_command
+
+    compute = load_params(params).compute
+    argv = launch_command(compute, stage=stage, params_path=str(params), resolve=True)
+    err.print(f"$ {' '.join(argv)}", highlight=False)
+    env = {"OMP_NUM_THREADS": str(compute.num_threads), **os.environ}  # the trainer sets threads
+    code = subprocess.call(argv, env=env)
+    if code != 0:
+        raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- eval, plot
+
+
+@app.command("eval")
+def eval_cmd(params: ParamsOpt = DEFAULT_PARAMS, as_json: JsonOpt = False) -> None:
+    """Evaluate every recorded checkpoint not evaluated before (DVC stage `eval`)."""
+    from rich.progress import Progress
+
+    from openrelease.eval.stage import run_eval_stage
+
+    pipeline = load_params(params)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"evaluating {what}", completed=done - 1, total=total)
+
+        summary = run_eval_stage(pipeline, project_dir=Path.cwd(), progress=progress)
+    if as_json:
+        print_json(summary)
+        return
+    out.print(render_eval_table(summary.results))
+    out.print(f"{summary.evaluated} evaluated, {summary.skipped} unchanged", highlight=False)
+    for plot in summary.plots:
+        out.print(f"plot: {plot}", highlight=False)
+
+
+def render_eval_table(results: Iterable[EvalResult]) -> Table:
+    """A table of the final checkpoint of each stage and its metrics."""
+    final: dict[str, EvalResult] = {}
+    for r in sorted(results, key=lambda r: r.step):
+        final[r.stage] = r
+    keys = sorted({k for r in final.values() for k in r.metrics})
+    table = Table("stage", "step", *keys, title="eval (final checkpoint of each stage)")
+    for stage, r in final.items():
+        table.add_row(
+            stage, str(r.step), *(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for k in keys)
+        )
+    return table
+
+
+@app.command("plot")
+def plot_cmd(
+    root: Annotated[Path, typer.Argument(help="A workspace or a release bundle.")] = Path("."),
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Where to write PNG and SVG files.")
+    ] = None,
+) -> None:
+    """Regenerate the plots (loss, eval curves, GRPO reward/KL) from a workspace or a bundle."""
+    from openrelease.eval.plots import write_plots
+
+    target = out_dir or (layout.Workspace(root).eval_dir / layout.EVAL_PLOTS)
+    paths = write_plots(root, out_dir=target)
+    if not paths:
+        err.print("nothing to plot: no metrics.jsonl or eval results found", highlight=False)
+        raise typer.Exit(1)
+    for path in paths:
+        out.print(f"plot: {path}", highlight=False)
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    target: Annotated[
+        Path, typer.Argument(help="A workspace (holds artifacts/) or a release bundle folder.")
+    ],
+    stage: StageOpt,
+    from_step: Annotated[
+        int | None,
+        typer.Option(
+            "--from-step",
+            help="A step with a kept training state, or 0 (the stage's initial weights); "
+            "default: the last state before the final checkpoint.",
+        ),
+    ] = None,
+    to_step: Annotated[
+        int | None,
+        typer.Option("--to-step", help="The release checkpoint to reproduce; default: the next."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay recorded training steps and compare the checkpoint with the record (exit 1: drift)."""
+    from openrelease.reproduce.run import reproduce
+
+    report = reproduce(
+        target,
+        stage=stage,
+        from_step=from_step,
+        to_step=to_step,
+        progress=lambda line: err.print(line, highlight=False),
+    )
+    if as_json:
+        print_json(report)
+    else:
+        _print_reproduce(report)
+    if not report.identical:
+        raise typer.Exit(1)
+
+
+def _print_reproduce(report: ReproduceReport) -> None:
+    verdict = "[green]identical[/green]" if report.identical else "[red]drift[/red]"
+    out.print(
+        f"{report.stage} steps {report.from_step}..{report.to_step} of {report.target}: {verdict}",
+        highlight=False,
+    )
+    weights = report.weights()
+    out.print(f"  {layout.WEIGHTS} recorded {weights.recorded}", highlight=False)
+    out.print(f"  {layout.WEIGHTS} replayed {weights.replayed}", highlight=False)
+    out.print(
+        f"  recorded on {report.world_size} process(es), {report.device}; replayed on "
+        f"{report.replay_world_size} process(es), {report.replay_device} "
+        f"in {report.seconds:.1f} s",
+        highlight=False,
+    )
+    for note in report.notes:
+        out.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+    if report.identical:
+        return
+    files = Table("file", "recorded", "on disk", "replayed")
+    for f in (f for f in report.files if not f.same):
+        files.add_row(f.path, *((h or "-")[:23] for h in (f.recorded, f.found, f.replayed)))
+    out.print(files)
+    moved = [d for d in report.drift if d.max_abs_delta != 0.0]
+    drift = sorted(moved, key=lambda d: (d.max_abs_delta is not None, -(d.max_abs_delta or 0)))
+    tensors = Table("tensor", "max |delta|", "note")
+    for d in drift[:20]:
+        delta = "-" if d.max_abs_delta is None else f"{d.max_abs_delta:.3g}"
+        tensors.add_row(d.name, delta, d.note)
+    out.print(tensors if drift else "  every tensor is equal; only other files differ")
+    losses = Table("step", "recorded loss", "replayed loss")
+    for p in report.losses:
+        losses.add_row(
+            str(p.step), *("-" if v is None else f"{v:.6f}" for v in (p.recorded, p.replayed))
+        )
+    out.print(losses)
