@@ -62,6 +62,11 @@ def test_dvc_repro_data_then_noop(repo: Path) -> None:
     assert "Running stage 'data'" in third.stdout
 
 
+def _changed(status: str) -> set[str]:
+    """The stages `dvc status` lists (lines ``<stage>:`` at the start)."""
+    return set(re.findall(r"^([\w-]+):$", status, re.M))
+
+
 def _ran(stdout: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", stdout))
 
@@ -78,6 +83,19 @@ def test_dvc_repro_whole_pipeline_then_only_what_changed(repo: Path) -> None:
     assert set(metrics) == {"pretrain", "sft", "distill", "grpo"}
 
     assert _ran(_run([dvc, "repro"], repo).stdout) == set()
+
+    # Code deps follow the imports: the module that decides what step N trains on reruns
+    # every training stage, the answer extraction reruns eval (and GRPO, whose reward uses it).
+    for module, changed in (
+        ("data/order.py", {"pretrain", "sft", "distill", "grpo"}),
+        ("data/tasks.py", {"pretrain", "sft", "distill", "grpo", "eval", "data"}),
+    ):
+        path = repo / "openrelease" / module
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        assert _changed(_run([dvc, "status"], repo).stdout) == changed | {"bundle"}, module
+        path.write_text(original)
+    assert _changed(_run([dvc, "status"], repo).stdout) == set()
 
     # A pretrain change reruns pretrain and what depends on it up to the stage asked for.
     params = repo / "params.yaml"
