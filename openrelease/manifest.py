@@ -111,10 +111,9 @@ class FileEntry(Record):
     sha256: str
 
 
-class CheckpointMeta(Record):
-    """``meta.json`` beside every release checkpoint (an HF ``save_pretrained`` folder)."""
+class CheckpointFacts(Record):
+    """What the trainer knows about a release checkpoint besides its files."""
 
-    schema_version: Literal[1] = 1
     stage: str
     step: int
     tokens_seen: int
@@ -128,6 +127,12 @@ class CheckpointMeta(Record):
     parent_digest: str | None
     """``checkpoint_digest`` of the previous checkpoint (or of the init checkpoint); null at
     the very start of pretraining."""
+
+
+class CheckpointMeta(CheckpointFacts):
+    """``meta.json`` beside every release checkpoint (an HF ``save_pretrained`` folder)."""
+
+    schema_version: Literal[1] = 1
     files: tuple[FileEntry, ...]
     """Every file of the checkpoint folder except meta.json."""
     checkpoint_digest: str

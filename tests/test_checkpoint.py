@@ -16,7 +16,7 @@ import torch
 from openrelease.data.store import DataStore
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.errors import ArtifactError
-from openrelease.manifest import CheckpointMeta
+from openrelease.manifest import CheckpointFacts, CheckpointMeta
 from openrelease.params import ComputeParams, ModelParams
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
@@ -32,8 +32,8 @@ MODEL = ModelParams(
 )
 
 
-def _info(step: int, parent: str | None = None) -> ckpt.CheckpointInfo:
-    return ckpt.CheckpointInfo(
+def _info(step: int, parent: str | None = None) -> CheckpointFacts:
+    return CheckpointFacts(
         stage="pretrain",
         step=step,
         tokens_seen=step * 512,
@@ -150,11 +150,15 @@ from pathlib import Path
 
 import torch
 
-from openrelease.train.checkpoint import CheckpointInfo, write_release_checkpoint
+from openrelease.manifest import CheckpointFacts
+from openrelease.train.checkpoint import write_release_checkpoint
 
 root, tok = Path(sys.argv[1]), Path(sys.argv[2])
 big = {f"w{i}": torch.zeros(4096, 4096) for i in range(16)}  # 1 GiB: slow enough to interrupt
-info = CheckpointInfo("pretrain", 8, 0, 0, (0, 8), "sha256:" + "a" * 64, None, "sha256:x", None)
+info = CheckpointFacts(
+    stage="pretrain", step=8, tokens_seen=0, samples_seen=0, sample_range=(0, 8),
+    data_digest="sha256:" + "a" * 64, loss=None, params_digest="sha256:x", parent_digest=None,
+)
 write_release_checkpoint(
     root, state_dict=big, save_config=lambda d: None, tokenizer_dir=tok, info=info
 )

@@ -43,6 +43,7 @@ from openrelease.layout import (
     step_of,
 )
 from openrelease.manifest import (
+    CheckpointFacts,
     CheckpointMeta,
     FileEntry,
     StageManifest,
@@ -332,21 +333,6 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What meta.json records about a release checkpoint besides its files."""
-
-    stage: str
-    step: int
-    tokens_seen: int
-    samples_seen: int
-    sample_range: tuple[int, int]
-    data_digest: str
-    loss: float | None
-    params_digest: str
-    parent_digest: str | None
-
-
 def _copy_tree(src: Path, dst: Path) -> None:
     for path in sorted(src.rglob("*")):
         if path.is_file() and not path.is_symlink():
@@ -366,7 +352,7 @@ def write_release_checkpoint(
     state_dict: dict[str, torch.Tensor],
     save_config: Callable[[Path], None],
     tokenizer_dir: Path,
-    info: CheckpointInfo,
+    info: CheckpointFacts,
 ) -> CheckpointMeta:
     """Write ``checkpoints_dir/step-<N>`` as a ``save_pretrained`` folder plus meta.json.
 
@@ -403,15 +389,7 @@ def write_release_checkpoint(
             size, sha = path.stat().st_size, sha256_file(path)
             entries.append(FileEntry(path=rel, size=size, sha256=sha))
         meta = CheckpointMeta(
-            stage=info.stage,
-            step=info.step,
-            tokens_seen=info.tokens_seen,
-            samples_seen=info.samples_seen,
-            sample_range=info.sample_range,
-            data_digest=info.data_digest,
-            loss=info.loss,
-            params_digest=info.params_digest,
-            parent_digest=info.parent_digest,
+            **info.model_dump(),
             files=tuple(entries),
             checkpoint_digest=sha256_tree({e.path: e.sha256 for e in entries}),
         )

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from openrelease.data.order import global_batch, order_digest, rank_slice
 from openrelease.errors import ArtifactError
 from openrelease.layout import STATE_FILE, Workspace
+from openrelease.manifest import CheckpointFacts
 from openrelease.params import TrainStageParams
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
@@ -228,7 +229,7 @@ def _release(
             state_dict=state_dict,
             save_config=lambda folder: save_model_config(config, folder),
             tokenizer_dir=job.tokenizer_dir,
-            info=ckpt.CheckpointInfo(
+            info=CheckpointFacts(
                 stage=job.stage,
                 step=pos.step,
                 tokens_seen=pos.tokens_seen,
