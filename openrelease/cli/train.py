@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from openrelease import layout
@@ -195,8 +196,9 @@ def reproduce_cmd(
 def _print_reproduce(report: ReproduceReport) -> None:
     verdict = "[green]identical[/green]" if report.identical else "[red]drift[/red]"
     out.print(
-        f"{report.stage} steps {report.from_step}..{report.to_step} of {report.target}: {verdict}",
-        highlight=False,
+        f"{report.stage} steps {report.from_step}..{report.to_step} of "
+        f"{escape(report.target)}: {verdict}",
+        markup=True,
     )
     weights = report.weights()
     out.print(f"  {layout.WEIGHTS} recorded {weights.recorded}", highlight=False)
@@ -208,7 +210,7 @@ def _print_reproduce(report: ReproduceReport) -> None:
         highlight=False,
     )
     for note in report.notes:
-        out.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+        out.print(f"  [yellow]note:[/yellow] {escape(note)}", markup=True)
     if report.identical:
         return
     files = Table("file", "recorded", "on disk", "replayed")

@@ -7,7 +7,9 @@ Picks the state and checkpoint, checks they belong to one run, runs `openrelease
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +45,7 @@ from openrelease.reproduce.replay import (
 )
 from openrelease.train import INIT_FROM, TrainReport, stage_params_digest
 from openrelease.train import checkpoint as ckpt
+from openrelease.train.portable import pickle_free_problem
 
 GUARANTEE = (
     "bitwise identical sha256 when replayed with the recorded world size and thread count on "
@@ -194,6 +197,34 @@ def _find_init(
     )
 
 
+def _check_regular_files(bundle_dir: Path) -> None:
+    """A bundle holds regular files only: a symlink, FIFO or device in it is refused up front."""
+    for dirpath, dirnames, filenames in os.walk(bundle_dir):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                shown = ascii(path.relative_to(bundle_dir).as_posix())
+                raise ArtifactError(
+                    f"{shown} in {bundle_dir} is {kind}; a bundle holds regular files only, so "
+                    "nothing ran (run `openrelease verify` on it).",
+                    path=str(path),
+                )
+
+
+def _check_pickle_free(target: Bundle, stage: str, state_dir: Path) -> None:
+    """A bundle's training state must be safetensors + JSON: a pickle in it is never loaded."""
+    if problem := pickle_free_problem(state_dir):
+        rel = state_dir.relative_to(target.root).as_posix()
+        raise ArtifactError(
+            f"{rel} {problem}: a bundle's training states must be pickle-free (safetensors + "
+            f"JSON), so it is not loaded and nothing ran; replay {stage} from step 0 "
+            "(--from-step 0) or ask the publisher for a bundle built by this openrelease.",
+            path=str(state_dir),
+        )
+
+
 def _check_state(state_dir: Path, identity: dict[str, str | None]) -> dict[str, Any]:
     info: dict[str, Any] = read_json(state_dir / STATE_FILE)
     wrong = [k for k, v in identity.items() if info.get(k) != v]
@@ -277,6 +308,8 @@ def _plan(
         "data_digest": data.data_digest,
         "init_digest": metas[0].parent_digest,
     }
+    if first and isinstance(target, Bundle):
+        _check_pickle_free(target, stage, states[first])
     info = _check_state(states[first], identity) if first else {}
     env = record.environment if record is not None else {}
     compute = params.compute
@@ -369,7 +402,10 @@ def reproduce(
         ParamsError: ``target`` is no workspace or bundle, or its params are not the recorded.
         ReplayError: The replay process failed.
     """
-    plan = _plan(_target(target), stage, (from_step, to_step), params)
+    resolved = _target(target)
+    if isinstance(resolved, Bundle):
+        _check_regular_files(resolved.root)
+    plan = _plan(resolved, stage, (from_step, to_step), params)
     root = Path(tempfile.mkdtemp(prefix=f"openrelease-replay-{stage}-", dir=work_dir))
     started = time.monotonic()
     try:
