@@ -20,7 +20,8 @@ MAX_JSON_BYTES = 16 << 20
 """Default cap for a JSON record read from disk."""
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for `json.loads`: a duplicate key is a ValueError, not last-wins."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -42,7 +43,7 @@ def loads_json(text: str | bytes, *, where: str) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise ArtifactError(f"{where} is not valid UTF-8.", path=where) from None
     except RecursionError:

@@ -48,7 +48,13 @@ from openrelease.errors import ArtifactError, OpenReleaseError
 from openrelease.layout import BUNDLE_MANIFEST
 from openrelease.manifest import BundleManifest
 from openrelease.verify.bundle import Problem
-from openrelease.verify.hub import DATA, HUB_ERRORS, describe_hub_error, hub_locations
+from openrelease.verify.hub import (
+    DATA,
+    HUB_ERRORS,
+    describe_hub_error,
+    hub_locations,
+    probe_endpoint,
+)
 from openrelease.verify.untrusted import read_capped
 
 ROMAN = {1: "I", 2: "II", 3: "III"}
@@ -386,6 +392,7 @@ def audit_hub_repo(
     target = f"hf:{repo_id}@{revision or 'main'}"
     try:
         with tempfile.TemporaryDirectory(prefix="openrelease-audit-") as tmp:
+            probe_endpoint(api, repo_id)
             sha = api.model_info(repo_id, revision=revision).sha or revision
             files = _hub_files(api, repo_id, sha)
             moved: dict[str, Where] = {}

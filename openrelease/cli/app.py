@@ -26,7 +26,7 @@ from typer.core import TyperGroup
 from openrelease import __version__, layout
 from openrelease.errors import OpenReleaseError
 from openrelease.params import StageName
-from openrelease.secrets import redact
+from openrelease.secrets import REDACTED, redact
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -91,6 +91,17 @@ class OpenReleaseGroup(TyperGroup):
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path of the wrong kind, a permission, a full disk ...
+            if _debug():
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            why = exc.strerror or type(exc).__name__
+            err.print(
+                f"[red]error:[/red] {escape(_message(Exception(where + why)))}; check the path "
+                "and its permissions.",
+                markup=True,
+            )
+            raise typer.Exit(1) from None
         except (SystemExit, GeneratorExit):
             raise
         except BaseException as exc:  # a bug, or a library panic (pyo3 PanicException)
@@ -105,9 +116,13 @@ class OpenReleaseGroup(TyperGroup):
             raise typer.Exit(1) from None
 
 
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
 def _message(exc: BaseException) -> str:
     """An exception's text as printed: one line, secrets (URL credentials, tokens) redacted."""
-    return one_line(redact(str(exc)))[:2000]
+    text = _URL_USERINFO.sub(rf"\1{REDACTED}@", redact(str(exc)))
+    return one_line(text)[:2000]
 
 
 def _silence_stdout() -> None:
@@ -216,7 +231,31 @@ def root(
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _CleanRecords) for f in handler.filters):
+            handler.addFilter(_CleanRecords())
     logging.getLogger("openrelease").setLevel(logging.DEBUG if _debug() else logging.INFO)
+
+
+class _CleanRecords(logging.Filter):
+    """Log lines pass as one clean line with secrets (URL credentials, tokens) redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _message(Exception(record.getMessage())), None
+        return True
+
+
+def hub_logging() -> None:
+    """Let huggingface_hub log through the root handler only (cleaned, once, never twice).
+
+    On import it adds a stderr handler of its own, which would print each warning a second
+    time, unredacted.
+    """
+    import huggingface_hub.utils.logging as hf_logging
+
+    root = hf_logging._get_library_root_logger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from openrelease.cli.app import (
     byte_progress,
     clean,
     err,
+    hub_logging,
     out,
     print_json,
     reader_may_leave,
@@ -74,6 +75,8 @@ def verify_cmd(
     """Check that a release is exactly what its MANIFEST.json says (exit 1 when not)."""
     if target.startswith("hf:"):
         from openrelease.verify.hub import verify_hub
+
+        hub_logging()
 
         if trusted_key:
             err.print("--trusted-key checks a local bundle; download it first", highlight=False)
@@ -147,6 +150,8 @@ def audit_cmd(
     """Score a release's MOF openness class from its evidence, not only its claims."""
     from openrelease.audit.report import audit
     from openrelease.manifest import write_text_atomic
+
+    hub_logging()
 
     with err.status(f"auditing {escape(target)}"):
         report = audit(target, endpoint=endpoint, revision=revision, check_hashes=not no_hashes)

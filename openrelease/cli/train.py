@@ -137,14 +137,18 @@ def render_eval_table(results: Iterable[EvalResult]) -> Table:
 def plot_cmd(
     root: Annotated[Path, typer.Argument(help="A workspace or a release bundle.")] = Path("."),
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Where to write PNG and SVG files.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write PNG and SVG files (default: the workspace's artifacts/eval/"
+            "plots, or plots/ here for a bundle; never inside a bundle).",
+        ),
     ] = None,
 ) -> None:
     """Regenerate the plots (loss, eval curves, GRPO reward/KL) from a workspace or a bundle."""
-    from openrelease.eval.plots import write_plots
+    from openrelease.eval.plots import default_out_dir, write_plots
 
-    target = out_dir or (layout.Workspace(root).eval_dir / layout.EVAL_PLOTS)
-    paths = write_plots(root, out_dir=target)
+    paths = write_plots(root, out_dir=out_dir or default_out_dir(root))
     if not paths:
         err.print("nothing to plot: no metrics.jsonl or eval results found", highlight=False)
         raise typer.Exit(1)

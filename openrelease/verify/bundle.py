@@ -372,13 +372,13 @@ def _check_chain(views: list[CheckpointView], report: VerifyReport) -> None:
         by_digest.setdefault(v.meta.checkpoint_digest, v)
     first_step = {v.stage: v.step for v in reversed(metas)}
     node: CheckpointView | None = metas[-1]
-    seen: set[str] = set()
+    seen: set[str] = set()  # by folder: byte-identical checkpoints are flagged elsewhere
     while node is not None and node.meta is not None:
-        seen.add(node.meta.checkpoint_digest)
+        seen.add(node.where)
         parent = node.meta.parent_digest
         if parent is None:
             return
-        if parent in seen:
+        if parent in by_digest and by_digest[parent].where in seen:
             report.add(
                 "parent_chain",
                 node.where,
@@ -512,8 +512,9 @@ def check_mof(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> 
     except ArtifactError as exc:
         report.add("mof", "mof.yaml", str(exc))
         return
-    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError) as exc:
-        # ValueError: a scalar YAML types but cannot build (date 2025-13-45, a 5000-digit int)
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, TypeError) as exc:
+        # ValueError: a scalar YAML types but cannot build (date 2025-13-45, a 5000-digit int);
+        # TypeError: a complex key (`? [a, b]`) that cannot be a dict key
         report.add("mof", "mof.yaml", f"cannot be read as YAML: {type(exc).__name__}.")
         return
     folders = {p.rsplit("/", i)[0] for p in sizes for i in range(1, p.count("/") + 1)}
