@@ -81,14 +81,16 @@ def read_regular(
         if not follow_symlinks and Path(path).is_symlink():
             raise error(f"{label} is a symlink; only regular files are read.") from None
         raise error(f"{label} cannot be opened ({exc.strerror}).") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(info.st_mode):
             raise error(f"{label} is a folder; {fix}.")
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{label} is not a regular file (a FIFO, socket or device).")
-        if info.st_size > max_bytes:
-            raise error(f"{label} is {info.st_size} bytes, above the {max_bytes}-byte limit.")
+        raise error(f"{label} is not a regular file (a FIFO, socket or device).")
+    if info.st_size > max_bytes:
+        os.close(fd)
+        raise error(f"{label} is {info.st_size} bytes, above the {max_bytes}-byte limit.")
+    with os.fdopen(fd, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise error(f"{label} grew above the {max_bytes}-byte limit while being read.")

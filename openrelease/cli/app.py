@@ -94,7 +94,7 @@ class OpenReleaseGroup(TyperGroup):
         except OSError as exc:  # a path of the wrong kind, a permission, a full disk ...
             if _debug():
                 raise
-            where = f"{exc.filename}: " if exc.filename else ""
+            where = f"{exc.filename}: " if isinstance(exc.filename, str) else ""
             why = exc.strerror or type(exc).__name__
             err.print(
                 f"[red]error:[/red] {escape(_message(Exception(where + why)))}; check the path "

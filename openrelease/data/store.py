@@ -46,7 +46,10 @@ class DataStore:
 
     @cached_property
     def _shards(self) -> list[np.ndarray]:
-        return [np.load(self.data_dir / s.path, mmap_mode="r") for s in self.manifest.shards]
+        return [
+            np.load(self.data_dir / s.path, mmap_mode="r", allow_pickle=False)
+            for s in self.manifest.shards
+        ]
 
     def num_samples(self, role: str) -> int:
         """Samples in the dataset of training stage ``role``."""

@@ -298,6 +298,8 @@ def _plan(
     states = ckpt.list_states(target.states(stage))
     hint = _more_states_hint(target, stage)
     first, last = _choose_steps(stage, [m.step for m in metas], states, span, hint)
+    if first and isinstance(target, Bundle):
+        _check_pickle_free(target, stage, states[first])
     meta = next(m for m in metas if m.step == last)
     params = _stage_params(target, stage, given, meta.params_digest)
     record_path = target.record(stage)
@@ -308,8 +310,6 @@ def _plan(
         "data_digest": data.data_digest,
         "init_digest": metas[0].parent_digest,
     }
-    if first and isinstance(target, Bundle):
-        _check_pickle_free(target, stage, states[first])
     info = _check_state(states[first], identity) if first else {}
     env = record.environment if record is not None else {}
     compute = params.compute

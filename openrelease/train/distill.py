@@ -75,7 +75,8 @@ def _generate_traces(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model: Any = AutoModelForCausalLM.from_pretrained(folder)
+    # safetensors only: a teacher folder is an input, its pytorch_model.bin a pickle
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     problems = store.records("distill")

@@ -55,13 +55,14 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
 
 
-def encode_probe(text: str, probe: str, *, timeout_s: float = TIMEOUT_S) -> tuple[int, ...]:
+def encode_probe(text: str, probe: str, *, timeout_s: float | None = None) -> tuple[int, ...]:
     """The ids of ``probe`` under the tokenizer.json ``text``.
 
     Raises:
         ArtifactError: The tokenizer cannot be loaded, panics, or (with its own regexes) runs
-            past ``timeout_s``; the message does not name the file (the caller does).
+            past ``timeout_s`` (default `TIMEOUT_S`); the message does not name the file.
     """
+    timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     if not has_own_regex(loads_json(text, where="tokenizer.json")):
         return _encode_here(text, probe)
     payload = json.dumps({"tokenizer": text, "probe": probe})
