@@ -1,7 +1,8 @@
 """Assemble a release folder from a workspace's record: MOF 1.0 evidence plus MANIFEST.json.
 
-Reads artifacts/ through the manifest.py schemas (no torch); builds in a hidden sibling folder
-and renames it over ``out_dir``, so a failed build leaves no half-written bundle behind.
+Reads artifacts/ through the manifest.py schemas (torch only to convert training states to their
+pickle-free form); builds in a hidden sibling folder and swaps it in atomically, so a failed
+build leaves no half-written bundle behind.
 """
 
 from __future__ import annotations
