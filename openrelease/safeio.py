@@ -76,10 +76,12 @@ def read_regular(
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise error(f"{label} is missing.") from None
+        raise error(f"{label} cannot be opened: it does not exist.") from None
     except OSError as exc:
         if not follow_symlinks and Path(path).is_symlink():
-            raise error(f"{label} is a symlink; only regular files are read.") from None
+            raise error(
+                f"{label} cannot be opened: it is a symlink, and only regular files are read."
+            ) from None
         raise error(f"{label} cannot be opened ({exc.strerror}).") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):

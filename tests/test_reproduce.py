@@ -197,6 +197,17 @@ def test_two_process_run_replays_under_torchrun(project: Path) -> None:
     assert (report.world_size, report.replay_world_size) == (2, 2)
     assert report.identical, report.model_dump_json(indent=2)
 
+    # The pickle-free form a bundle ships, resharded onto 2 ranks, replays to the same bytes.
+    from openrelease.train.portable import export_state
+
+    state = project / "artifacts/pretrain/states/step-4"
+    moved = export_state(state).rename(project / "portable-step-4")
+    shutil.rmtree(state)
+    moved.rename(state)  # the state folder now holds exactly what a bundle would
+    assert {p.name for p in state.iterdir()} == set(PORTABLE_STATE_FILES)
+    again = reproduce(project, stage="pretrain")
+    assert (again.from_step, again.replay_world_size, again.identical) == (4, 2, True)
+
 
 def test_cli_reproduce_identical_then_drift_exits_1(ws: Path) -> None:
     from typer.testing import CliRunner
