@@ -43,9 +43,11 @@ from openrelease.reproduce.replay import (
     run_replay,
     scratch_for,
 )
+from openrelease.safeio import loads_json, read_regular
 from openrelease.train import INIT_FROM, TrainReport, stage_params_digest
 from openrelease.train import checkpoint as ckpt
 from openrelease.train.portable import pickle_free_problem
+from openrelease.verify.tokenizer_probe import has_own_regex
 
 GUARANTEE = (
     "bitwise identical sha256 when replayed with the recorded world size and thread count on "
@@ -213,6 +215,26 @@ def _check_regular_files(bundle_dir: Path) -> None:
                 )
 
 
+MAX_TOKENIZER_BYTES = 512 << 20
+
+
+def _check_tokenizer_regexes(tokenizer_dir: Path) -> None:
+    """A bundle's tokenizer must not bring regular expressions of its own.
+
+    `tokenizers` runs them with no time limit over every training text, so a crafted pattern
+    would hang the replay; openrelease's own tokenizers (byte-level BPE) never have one.
+    """
+    for path in sorted(tokenizer_dir.glob("*.json")):
+        doc = loads_json(read_regular(path, max_bytes=MAX_TOKENIZER_BYTES), where=str(path))
+        if has_own_regex(doc):
+            raise ArtifactError(
+                f"{path} holds regular expressions of its own, which a replay would run with no "
+                "time limit over every training text; openrelease's tokenizers have none, so "
+                "nothing ran (run `openrelease verify` on the bundle).",
+                path=str(path),
+            )
+
+
 def _check_pickle_free(target: Bundle, stage: str, state_dir: Path) -> None:
     """A bundle's training state must be safetensors + JSON: a pickle in it is never loaded."""
     if problem := pickle_free_problem(state_dir):
@@ -245,6 +267,8 @@ def _check_data(target: Target, data_dir: Path, record: StageRecord | None) -> D
             f"the recorded run read data {recorded['data-manifest'][:19]}..., but {data_dir} "
             f"holds {manifest.data_digest[:19]}...; replay needs the recorded data."
         )
+    if isinstance(target, Bundle):
+        _check_tokenizer_regexes(data_dir / manifest.tokenizer_dir)
     pointers = data_dir / DATA_POINTERS
     if isinstance(target, Bundle) and pointers.is_file():
         for entry in read_json(pointers)["files"]:
