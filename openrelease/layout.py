@@ -30,6 +30,17 @@ CHECKPOINT_META = "meta.json"
 STATE_FILE = "state.json"
 """Marks a complete resumable training state."""
 WEIGHTS = "model.safetensors"
+STATE_PORTABLE = "portable"
+"""In a workspace training state: its pickle-free copy, the form a bundle ships (see below)."""
+STATE_MODEL = "model-state.safetensors"
+STATE_OPTIM = "optim-state.safetensors"
+STATE_OPTIM_JSON = "optim-state.json"
+STATE_RNG = "rng-state.safetensors"
+PORTABLE_STATE_FILES = frozenset(
+    {STATE_FILE, STATE_MODEL, STATE_OPTIM, STATE_OPTIM_JSON, STATE_RNG}
+)
+"""Every file a pickle-free training state holds (all of a bundle's ``states/<stage>/step-N``):
+full model and optimizer tensors and every rank's RNG streams as safetensors, the rest JSON."""
 CERTIFICATE = "certificate.json"
 TOKENIZER_PROBE = "tokenizer_probe.json"
 PARAMS = "params.yaml"

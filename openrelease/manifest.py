@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from openrelease.errors import ArtifactError
+from openrelease.safeio import read_json_file
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -58,17 +59,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file; a missing or malformed file is an `ArtifactError` naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(
-            f"{path} is missing; run the stage that writes it.", path=str(path)
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(
-            f"{path} is not valid JSON ({exc}); delete it and re-run the stage.", path=str(path)
-        ) from None
+    """Read a JSON file strictly (`openrelease.safeio`); a bad one is an `ArtifactError`."""
+    if not path.exists() and not path.is_symlink():
+        raise ArtifactError(f"{path} is missing; run the stage that writes it.", path=str(path))
+    return read_json_file(path)
 
 
 def validate_model(raw: Any, model: type[ModelT], *, where: str, fix: str = "") -> ModelT:

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from openrelease.errors import ParamsError
+from openrelease.safeio import read_regular
 
 StageName = Literal["pretrain", "sft", "distill", "grpo"]
 STAGES: tuple[StageName, ...] = ("pretrain", "sft", "distill", "grpo")
@@ -431,6 +432,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: unhashable, and no params key
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain scalar", key_node.start_mark
+            )
         key = loader.construct_object(key_node, deep=True)
         if key in mapping:
             raise yaml.constructor.ConstructorError(
@@ -513,17 +518,14 @@ def validate_params(data: Any, *, source: str) -> PipelineParams:
 
 def load_params(path: Path) -> PipelineParams:
     """Read and validate a params file (params.yaml or a recipe in pipelines/)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise ParamsError(
             f"{path} not found; copy a recipe there: cp pipelines/tiny.yaml params.yaml",
             path=str(path),
-        ) from None
-    except IsADirectoryError:
-        raise ParamsError(f"{path} is a folder; pass the params YAML file.") from None
-    if len(raw) > MAX_PARAMS_BYTES:
-        raise ParamsError(f"{path} is {len(raw)} bytes; params files are limited to 1 MiB.")
+        )
+    raw = read_regular(
+        path, max_bytes=MAX_PARAMS_BYTES, error=ParamsError, fix="pass the params YAML file"
+    )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -8,6 +8,7 @@ in MANIFEST.json, written last. `write_manifest` re-lists a bundle after a test 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,10 @@ def make_bundle(root: Path, *, num_checkpoints: int = 2, num_sft_checkpoints: in
     if num_sft_checkpoints:
         stages.append(("sft", num_sft_checkpoints))
     _write_checkpoints(bundle_dir, stages=stages, base_seed=1)
+    final_stage, final_count = stages[-1]
+    final = bundle_dir / "checkpoints" / final_stage / f"step-{final_count * CHECKPOINT_EVERY}"
+    for name in ("config.json", "model.safetensors"):  # model/ is the final checkpoint
+        shutil.copyfile(final / name, bundle_dir / "model" / name)
     write_json(
         bundle_dir / "data" / "croissant.json",
         {"@type": "sc:Dataset", "name": f"{BUNDLE_NAME}-data", "license": "Apache-2.0"},

@@ -278,8 +278,10 @@ def test_dispatch_and_mot_yaml_target(release: Path, tmp_path: Path) -> None:
         ).mof_class
         == 0
     )
-    with pytest.raises(ArtifactError, match="not a folder, a MOT YAML file or a Hub repo id"):
+    with pytest.raises(ArtifactError, match=r"does not exist \(a local path, so it was not looked"):
         audit("../no/such/thing")
+    with pytest.raises(ArtifactError, match="not a folder, a MOT YAML file or a Hub repo id"):
+        audit("org/na--me")
     with pytest.raises(ArtifactError, match="not a folder"):
         audit_folder(tmp_path / "absent")
 

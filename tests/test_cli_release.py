@@ -67,7 +67,7 @@ def test_audit_folder_markdown_and_write_mof(bundle: Path, tmp_path: Path) -> No
 
 def test_audit_bad_target_exits_1(tmp_path: Path) -> None:
     result = runner.invoke(app, ["audit", "not a thing"])
-    assert result.exit_code == 1 and "is not a folder" in result.stderr
+    assert result.exit_code == 1 and "'not a thing' does not exist" in result.stderr
 
 
 def test_audit_bad_class_is_usage_error(bundle: Path) -> None:

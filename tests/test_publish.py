@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,10 @@ def test_interrupted_publish_uploads_only_the_rest(bundle: Path, hub: HubServer)
     assert "model.safetensors" in by_revision["pretrain-step20"].uploaded
     second_puts = [e.path for e in hub.requests("PUT")][len(first_puts) :]
     assert not first_puts & set(second_puts), "an LFS object was uploaded twice"
-    lfs_sizes = {e.path: e.size for e in read_model(bundle / "MANIFEST.json", BundleManifest).files}
-    total_lfs = sum(s for p, s in lfs_sizes.items() if p.endswith(".safetensors"))
+    files = read_model(bundle / "MANIFEST.json", BundleManifest).files
+    # model/ is the final checkpoint: the Hub stores (and receives) that LFS object once
+    lfs_sizes = {e.sha256: e.size for e in files if e.path.endswith(".safetensors")}
+    total_lfs = sum(lfs_sizes.values())
     assert hub.lfs_bytes_uploaded == total_lfs
 
 
@@ -218,6 +221,9 @@ def test_from_pretrained_loads_a_checkpoint_branch(
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(ckpt_dir)
     write_checkpoint_meta(ckpt_dir, stage="pretrain", step=10, parent_digest=None)
+    for path in ckpt_dir.iterdir():  # model/ is the final checkpoint
+        if path.name != "meta.json":
+            shutil.copyfile(path, bundle / "model" / path.name)
     write_manifest(bundle)
     assert _publish(bundle, hub).ok
 

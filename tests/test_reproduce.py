@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from openrelease.errors import ArtifactError
+from openrelease.layout import PORTABLE_STATE_FILES
 from openrelease.manifest import BundleManifest, ReproCertificate, read_model
 from openrelease.params import load_params
 from openrelease.release.bundle import build_bundle
@@ -151,6 +154,9 @@ def test_certificate_goes_into_the_bundle_and_a_bundle_replays(ws: Path, tmp_pat
     # release.retention keeps the last state; the certificate adds the ones its replays start from
     states = {f.split("/")[2] for f in files if f.startswith("states/pretrain/")}
     assert states == {"step-6", "step-8"}
+    # ... in their pickle-free form only: safetensors + JSON, no DCP metadata, no torch.save
+    state_files = {f.split("/")[3] for f in files if f.startswith("states/")}
+    assert state_files == set(PORTABLE_STATE_FILES)
     card = (out / "README.md").read_text()
     sha = certificate.replays[0].weights_sha256[:23]
     assert f"- pretrain steps 6..8 replayed: identical sha256 (`{sha}...`)" in card
@@ -162,6 +168,7 @@ def test_certificate_goes_into_the_bundle_and_a_bundle_replays(ws: Path, tmp_pat
     grpo = reproduce(out, stage="grpo")
     assert (grpo.from_step, grpo.to_step, grpo.identical) == (2, 4, True)
     assert _tree(out) == before
+    _crafted_pickle_in_a_bundle_state_runs_nothing(out, tmp_path)
     with pytest.raises(ArtifactError, match=r"steps 0, 6; release\.retention\.state_every_k"):
         reproduce(out, stage="pretrain", from_step=4)
 
@@ -190,6 +197,17 @@ def test_two_process_run_replays_under_torchrun(project: Path) -> None:
     assert (report.world_size, report.replay_world_size) == (2, 2)
     assert report.identical, report.model_dump_json(indent=2)
 
+    # The pickle-free form a bundle ships, resharded onto 2 ranks, replays to the same bytes.
+    from openrelease.train.portable import export_state
+
+    state = project / "artifacts/pretrain/states/step-4"
+    moved = export_state(state).rename(project / "portable-step-4")
+    shutil.rmtree(state)
+    moved.rename(state)  # the state folder now holds exactly what a bundle would
+    assert {p.name for p in state.iterdir()} == set(PORTABLE_STATE_FILES)
+    again = reproduce(project, stage="pretrain")
+    assert (again.from_step, again.replay_world_size, again.identical) == (4, 2, True)
+
 
 def test_cli_reproduce_identical_then_drift_exits_1(ws: Path) -> None:
     from typer.testing import CliRunner
@@ -210,3 +228,35 @@ def test_cli_reproduce_identical_then_drift_exits_1(ws: Path) -> None:
     assert "drift" in drift.stdout and "model.norm.weight" in drift.stdout
     missing = runner.invoke(app, [*args[:4], "--from-step", "3"])
     assert missing.exit_code == 1 and "replay can start from steps" in missing.stderr
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch <path>``: a stand-in for a malicious pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def _crafted_pickle_in_a_bundle_state_runs_nothing(bundle: Path, tmp_path: Path) -> None:
+    """A stranger's bundle whose state carries DCP metadata (a pickle): refused, nothing runs."""
+    from typer.testing import CliRunner
+
+    from openrelease.cli import app
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(bundle, hostile)
+    sentinel = tmp_path / "pwned"
+    state = hostile / "states/pretrain/step-6"
+    (state / ".metadata").write_bytes(pickle.dumps(_RunsCode(sentinel)))
+    for name in ("model-state.safetensors", "optim-state.safetensors"):
+        (state / name).unlink()  # a DCP-only state, as an older or crafted bundle has
+    result = CliRunner().invoke(app, ["reproduce", str(hostile), "--stage", "pretrain"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "states/pretrain/step-6 holds '.metadata'" in lines[0]
+    assert "pickle-free" in lines[0] and "nothing ran" in lines[0]
+    assert not sentinel.exists()

@@ -179,14 +179,34 @@ def test_later_stage_must_start_from_an_earlier_stage(bundle: Path) -> None:
 def test_later_stage_may_start_from_an_outside_base(bundle: Path) -> None:
     _rewrite_meta(bundle / "checkpoints/sft/step-10", parent_digest="sha256:" + "e" * 64)
     write_manifest(bundle)
-    assert verify_bundle(bundle).problems == []
+    report = verify_bundle(bundle)
+    assert report.ok
+    assert [(p.code, p.path, p.severity) for p in report.problems] == [
+        ("outside_base", "checkpoints/sft/step-10", "warning")
+    ]
+
+
+def test_a_parent_missing_mid_stage_is_an_incomplete_chain(bundle: Path) -> None:
+    _rewrite_meta(bundle / "checkpoints/pretrain/step-20", parent_digest="sha256:" + "e" * 64)
+    sft = bundle / "checkpoints/sft/step-10"
+    parent = read_model(bundle / "checkpoints/pretrain/step-20/meta.json", CheckpointMeta)
+    _rewrite_meta(sft, parent_digest=parent.checkpoint_digest)
+    write_manifest(bundle)
+    report = verify_bundle(bundle)
+    assert not report.ok
+    assert any(p.code == "parent_chain" and "incomplete" in p.message for p in report.problems), (
+        report.problems
+    )
 
 
 def test_later_stage_cannot_start_from_a_later_checkpoint(bundle: Path) -> None:
     sft = read_model(bundle / "checkpoints/sft/step-10/meta.json", CheckpointMeta)
     _rewrite_meta(bundle / "checkpoints/pretrain/step-10", parent_digest=sft.checkpoint_digest)
     write_manifest(bundle)
-    assert verify_bundle(bundle).problems == []  # the first checkpoint's parent is free
+    # sft step-10 -> pretrain step-20 -> pretrain step-10 -> sft step-10: the lineage loops
+    looped = verify_bundle(bundle)
+    assert [(p.code, "loops" in p.message) for p in looped.problems] == [("parent_chain", True)]
+    _rewrite_meta(bundle / "checkpoints/pretrain/step-10", parent_digest=None)
     grpo = bundle / "checkpoints/grpo/step-10"
     shutil.copytree(bundle / "checkpoints/sft/step-10", grpo)
     (grpo / "model.safetensors").write_bytes((grpo / "model.safetensors").read_bytes())

@@ -5,6 +5,7 @@ Targets: a release folder, a MOT YAML file, or a Hub repo (listings only; no wei
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -47,7 +48,13 @@ from openrelease.errors import ArtifactError, OpenReleaseError
 from openrelease.layout import BUNDLE_MANIFEST
 from openrelease.manifest import BundleManifest
 from openrelease.verify.bundle import Problem
-from openrelease.verify.hub import DATA, HUB_ERRORS, describe_hub_error, hub_locations
+from openrelease.verify.hub import (
+    DATA,
+    HUB_ERRORS,
+    describe_hub_error,
+    hub_locations,
+    probe_endpoint,
+)
 from openrelease.verify.untrusted import read_capped
 
 ROMAN = {1: "I", 2: "II", 3: "III"}
@@ -385,6 +392,7 @@ def audit_hub_repo(
     target = f"hf:{repo_id}@{revision or 'main'}"
     try:
         with tempfile.TemporaryDirectory(prefix="openrelease-audit-") as tmp:
+            probe_endpoint(api, repo_id)
             sha = api.model_info(repo_id, revision=revision).sha or revision
             files = _hub_files(api, repo_id, sha)
             moved: dict[str, Where] = {}
@@ -435,6 +443,33 @@ def audit(
         return audit_folder(path, check_hashes=check_hashes)
     if path.is_file():
         return audit_mot_yaml(path)
-    if re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", target) and ".." not in target:
+    if path.exists() or path.is_symlink():
+        raise ArtifactError(f"{target[:200]!r} is neither a folder nor a regular file.")
+    if _looks_local(target):
+        raise ArtifactError(
+            f"{target[:200]!r} does not exist (a local path, so it was not looked up on the "
+            "Hub); check the path, or pass a Hub repo id as ORG/NAME."
+        )
+    if _HUB_REPO_ID.fullmatch(target):
         return audit_hub_repo(target, endpoint=endpoint, revision=revision, token=token)
     raise ArtifactError(f"{target[:200]!r} is not a folder, a MOT YAML file or a Hub repo id.")
+
+
+_HUB_REPO_ID = re.compile(
+    r"(?!.*(?:--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[\w])?/[A-Za-z0-9_](?:[\w.-]{0,94}[\w])?"
+)
+"""ORG/NAME as the Hub allows it: no leading or trailing '.' or '-', no '--' or '..'."""
+_LOCAL_SUFFIXES = (".yaml", ".yml", ".json", ".md", ".txt", ".safetensors")
+
+
+def _looks_local(target: str) -> bool:
+    """Whether a missing ``target`` is a mistyped local path rather than a Hub repo id."""
+    first = target.split("/", 1)[0]
+    return (
+        target.startswith((".", "/", "~"))
+        or target.count("/") != 1
+        or os.sep in target.replace("/", "")
+        or (os.altsep is not None and os.altsep != "/" and os.altsep in target)
+        or target.lower().endswith(_LOCAL_SUFFIXES)
+        or Path(first).is_dir()
+    )

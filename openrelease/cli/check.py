@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from openrelease.cli.app import (
@@ -16,9 +17,12 @@ from openrelease.cli.app import (
     RevisionOpt,
     app,
     byte_progress,
+    clean,
     err,
+    hub_logging,
     out,
     print_json,
+    reader_may_leave,
 )
 
 if TYPE_CHECKING:
@@ -30,9 +34,9 @@ def render_verify_report(report: VerifyReport) -> None:
     """Print a verify report: counts, then every difference and problem."""
     status = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
     out.print(
-        f"verify {report.target}: {status} ({report.num_files} files, "
+        f"verify {escape(report.target)}: {status} ({report.num_files} files, "
         f"{report.num_bytes / 1e6:.1f} MB checked)",
-        highlight=False,
+        markup=True,
     )
     for label, paths in (
         ("missing", report.missing),
@@ -72,11 +76,13 @@ def verify_cmd(
     if target.startswith("hf:"):
         from openrelease.verify.hub import verify_hub
 
+        hub_logging()
+
         if trusted_key:
             err.print("--trusted-key checks a local bundle; download it first", highlight=False)
             raise typer.Exit(2)
 
-        with err.status(f"reading {target}"):
+        with err.status(f"reading {escape(target)}"):
             report = verify_hub(target[3:], endpoint=endpoint, revision=revision)
     else:
         from openrelease.verify.bundle import verify_bundle
@@ -86,10 +92,11 @@ def verify_cmd(
             report = verify_bundle(
                 Path(target), progress=tick, num_threads=num_threads, trusted_keys=trusted_key
             )
-    if as_json:
-        print_json(report)
-    else:
-        render_verify_report(report)
+    with reader_may_leave():
+        if as_json:
+            print_json(report)
+        else:
+            render_verify_report(report)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -144,18 +151,21 @@ def audit_cmd(
     from openrelease.audit.report import audit
     from openrelease.manifest import write_text_atomic
 
-    with err.status(f"auditing {target}"):
+    hub_logging()
+
+    with err.status(f"auditing {escape(target)}"):
         report = audit(target, endpoint=endpoint, revision=revision, check_hashes=not no_hashes)
     if write_mof is not None:
         write_text_atomic(write_mof, report.to_mof_yaml())
-    if as_json:
-        print_json(report)
-    elif markdown:
-        sys.stdout.write(report.to_markdown())
-    else:
-        out.print(render_audit_table(report))
-        for p in report.problems:
-            out.print(f"{p.severity}: {p.path or '-'}: {p.message}", markup=False)
+    with reader_may_leave():
+        if as_json:
+            print_json(report)
+        elif markdown:
+            sys.stdout.write(clean(report.to_markdown()))
+        else:
+            out.print(render_audit_table(report))
+            for p in report.problems:
+                out.print(f"{p.severity}: {p.path or '-'}: {p.message}")
     if require_class is not None and not report.meets(require_class.number):
         err.print(
             f"{target}: MOF class {report.mof_class or 'none'} does not meet Class "

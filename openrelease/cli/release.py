@@ -18,6 +18,7 @@ from openrelease.cli.app import (
     app,
     byte_progress,
     err,
+    hub_logging,
     out,
     print_json,
 )
@@ -149,6 +150,8 @@ def publish_cmd(
 ) -> None:
     """Publish a verified release to the Hugging Face Hub (checkpoints as branches, data repo)."""
     from openrelease.release.publish import execute_publish, plan_publish
+
+    hub_logging()
     from openrelease.verify.bundle import verify_bundle
 
     ask = not (dry_run or yes or as_json)

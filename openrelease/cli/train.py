@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from openrelease import layout
@@ -136,14 +137,18 @@ def render_eval_table(results: Iterable[EvalResult]) -> Table:
 def plot_cmd(
     root: Annotated[Path, typer.Argument(help="A workspace or a release bundle.")] = Path("."),
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Where to write PNG and SVG files.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write PNG and SVG files (default: the workspace's artifacts/eval/"
+            "plots, or plots/ here for a bundle; never inside a bundle).",
+        ),
     ] = None,
 ) -> None:
     """Regenerate the plots (loss, eval curves, GRPO reward/KL) from a workspace or a bundle."""
-    from openrelease.eval.plots import write_plots
+    from openrelease.eval.plots import default_out_dir, write_plots
 
-    target = out_dir or (layout.Workspace(root).eval_dir / layout.EVAL_PLOTS)
-    paths = write_plots(root, out_dir=target)
+    paths = write_plots(root, out_dir=out_dir or default_out_dir(root))
     if not paths:
         err.print("nothing to plot: no metrics.jsonl or eval results found", highlight=False)
         raise typer.Exit(1)
@@ -195,8 +200,9 @@ def reproduce_cmd(
 def _print_reproduce(report: ReproduceReport) -> None:
     verdict = "[green]identical[/green]" if report.identical else "[red]drift[/red]"
     out.print(
-        f"{report.stage} steps {report.from_step}..{report.to_step} of {report.target}: {verdict}",
-        highlight=False,
+        f"{report.stage} steps {report.from_step}..{report.to_step} of "
+        f"{escape(report.target)}: {verdict}",
+        markup=True,
     )
     weights = report.weights()
     out.print(f"  {layout.WEIGHTS} recorded {weights.recorded}", highlight=False)
@@ -208,7 +214,7 @@ def _print_reproduce(report: ReproduceReport) -> None:
         highlight=False,
     )
     for note in report.notes:
-        out.print(f"  [yellow]note:[/yellow] {note}", highlight=False)
+        out.print(f"  [yellow]note:[/yellow] {escape(note)}", markup=True)
     if report.identical:
         return
     files = Table("file", "recorded", "on disk", "replayed")

@@ -13,6 +13,7 @@ from typing import Any
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.errors import DataError
 from openrelease.params import ImportParams
+from openrelease.safeio import no_duplicate_keys
 
 ROLE_FIELDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("text",),
@@ -84,7 +85,7 @@ def _read_jsonl(path: Path, spec: ImportParams) -> list[dict[str, str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=no_duplicate_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{where}: invalid JSON ({exc.msg}); one object per line.",

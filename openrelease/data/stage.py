@@ -6,6 +6,7 @@ leaves a half-written data folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -223,6 +224,8 @@ def build_data(
     out_dir = project_dir / params.out_dir
     tmp_dir = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
+    # The folders made here for the temp folder (e.g. artifacts/) go again if the stage fails.
+    made = [p for p in tmp_dir.parents if p.is_relative_to(project_dir) and not p.exists()]
     tmp_dir.mkdir(parents=True)
     try:
         say("generating and importing the corpus")
@@ -240,6 +243,9 @@ def build_data(
         _swap_in(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        for folder in made:  # innermost first; a folder something else wrote into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return manifest
 

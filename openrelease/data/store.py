@@ -11,6 +11,7 @@ import numpy as np
 from openrelease.errors import ArtifactError
 from openrelease.layout import STAGE_MANIFEST
 from openrelease.manifest import DataManifest, DatasetEntry, read_model
+from openrelease.safeio import no_duplicate_keys
 
 RECORD_ROLES = ("sft", "distill", "grpo")
 
@@ -19,7 +20,9 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
     """Read a JSONL file we wrote (one object per line)."""
     try:
         with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [
+                json.loads(line, object_pairs_hook=no_duplicate_keys) for line in f if line.strip()
+            ]
     except FileNotFoundError:
         raise ArtifactError(f"{path} is missing; run `dvc repro data`.", path=str(path)) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -43,7 +46,10 @@ class DataStore:
 
     @cached_property
     def _shards(self) -> list[np.ndarray]:
-        return [np.load(self.data_dir / s.path, mmap_mode="r") for s in self.manifest.shards]
+        return [
+            np.load(self.data_dir / s.path, mmap_mode="r", allow_pickle=False)
+            for s in self.manifest.shards
+        ]
 
     def num_samples(self, role: str) -> int:
         """Samples in the dataset of training stage ``role``."""

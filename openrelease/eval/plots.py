@@ -5,14 +5,28 @@ Works from a workspace (artifacts/) or from a bundle (logs/ and evals/); writes 
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 from typing import Any
 
-from openrelease.layout import EVAL_RESULTS, METRICS, Bundle, Workspace
+from openrelease.errors import ArtifactError, ParamsError
+from openrelease.layout import EVAL_PLOTS, EVAL_RESULTS, METRICS, Bundle, Workspace
+from openrelease.manifest import EvalResult, validate_model, write_bytes_atomic
 from openrelease.params import STAGES
+from openrelease.safeio import loads_json, read_regular
 
 _STAGE_COLORS = {"pretrain": "#1f77b4", "sft": "#ff7f0e", "distill": "#2ca02c", "grpo": "#d62728"}
+
+
+MAX_METRICS_BYTES = 256 << 20
+MAX_RESULT_BYTES = 1 << 20
+
+
+def _input_file(root: Path, path: Path, *, max_bytes: int) -> bytes:
+    """A file of the input ``root``: regular, capped, and not a symlink leading out of it."""
+    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{path} is a symlink out of {root}; it was not read.", path=str(path))
+    return read_regular(path, max_bytes=max_bytes)
 
 
 def _metrics_file(root: Path, stage: str) -> Path | None:
@@ -20,52 +34,95 @@ def _metrics_file(root: Path, stage: str) -> Path | None:
         Workspace(root).metrics(stage),
         Bundle(root).log(stage, METRICS),
     ):
-        if candidate.exists():
+        if candidate.exists() or candidate.is_symlink():
             return candidate
     return None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def read_training_metrics(root: Path) -> dict[str, list[dict[str, float]]]:
-    """Per-stage rows of the trainer's metrics.jsonl (workspace or bundle layout)."""
+    """Per-stage rows of the trainer's metrics.jsonl (workspace or bundle layout).
+
+    Rows without a numeric ``step`` are skipped, and so are non-numeric values.
+
+    Raises:
+        ArtifactError: A metrics file is not a regular file in ``root``, too big, or bad JSON.
+    """
     out: dict[str, list[dict[str, float]]] = {}
     for stage in STAGES:
         path = _metrics_file(root, stage)
         if path is None:
             continue
-        rows = [
-            json.loads(line)
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-        out[stage] = [r for r in rows if isinstance(r, dict) and "step" in r]
+        text = _input_file(root, path, max_bytes=MAX_METRICS_BYTES)
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                row = loads_json(line, where=f"{path}:{number}")
+                if isinstance(row, dict) and _is_number(row.get("step")):
+                    rows.append({k: v for k, v in row.items() if _is_number(v)})
+        out[stage] = rows
     return out
 
 
 def read_eval_results(root: Path) -> list[dict[str, Any]]:
-    """Every eval result JSON (workspace or bundle layout)."""
+    """Every eval result JSON (workspace or bundle layout), each checked against its schema.
+
+    Raises:
+        ArtifactError: A result is not a regular file in ``root``, too big, bad JSON or off-schema.
+    """
     for base in (Workspace(root).eval_results, Bundle(root).eval_dir / EVAL_RESULTS):
-        if base.exists():
-            return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(base.rglob("*.json"))]
+        if base.is_dir() and not base.is_symlink():
+            results = []
+            for p in sorted(base.rglob("*.json")):
+                raw = loads_json(_input_file(root, p, max_bytes=MAX_RESULT_BYTES), where=str(p))
+                results.append(validate_model(raw, EvalResult, where=str(p)).model_dump())
+            return results
     return []
+
+
+def default_out_dir(root: Path) -> Path:
+    """Where `openrelease plot` writes by default.
+
+    A workspace: its plot folder. A bundle must stay as its manifest lists it, so ``plots/`` in
+    the current folder.
+    """
+    if Bundle(root).manifest.is_file():
+        return Path(EVAL_PLOTS)
+    return Workspace(root).eval_dir / EVAL_PLOTS
+
+
+def check_out_dir(root: Path, out_dir: Path) -> None:
+    """Refuse an output folder inside a bundle being read (writing there would change it).
+
+    Raises:
+        ParamsError: Naming the folder and what to pass instead.
+    """
+    if Bundle(root).manifest.is_file() and out_dir.resolve().is_relative_to(root.resolve()):
+        raise ParamsError(
+            f"--out {out_dir} is inside the bundle {root}, which plotting only reads; "
+            "choose a folder outside it."
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ParamsError(f"--out {out_dir} is not a folder; choose a folder.")
 
 
 def _save(fig: Any, out_dir: Path, name: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from openrelease.manifest import write_bytes_atomic
-
     paths = []
     for ext in ("png", "svg"):
-        tmp = out_dir / f".{name}.{ext}.part"
+        buffer = io.BytesIO()  # in memory: no temporary path a planted symlink could redirect
         fig.savefig(
-            tmp,
+            buffer,
             format=ext,
             dpi=110,
             bbox_inches="tight",
             metadata={"Date": None} if ext == "svg" else {"Software": None},
         )
-        write_bytes_atomic(out_dir / f"{name}.{ext}", tmp.read_bytes())
-        tmp.unlink()
+        write_bytes_atomic(out_dir / f"{name}.{ext}", buffer.getvalue())
         paths.append(out_dir / f"{name}.{ext}")
     plt.close(fig)
     return paths
@@ -150,6 +207,7 @@ def write_plots(
 
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.hashsalt"] = "openrelease"
+    check_out_dir(root, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = read_training_metrics(root)
     paths: list[Path] = []

@@ -168,7 +168,7 @@ def _load(checkpoint_dir: Path) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # we draw our own
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, use_safetensors=True)
     model.eval()  # type: ignore[no-untyped-call]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, padding_side="left")
     return model, tokenizer

@@ -164,13 +164,32 @@ def lineage(project_dir: Path, target: str) -> LineageReport:
     return LineageReport(target=target, nodes=tuple(nodes))
 
 
+def dot_string(text: str) -> str:
+    """``text`` as a quoted DOT string: quotes, backslashes and control characters escaped.
+
+    Record strings come from files anyone can edit; unescaped, a quote would end the string and
+    let the rest of the text add nodes, attributes (e.g. a ``URL`` or ``image``) or graphs.
+    """
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            out.append(f"\\\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def to_dot(report: LineageReport) -> str:
-    """Render the chain as Graphviz DOT."""
+    """Render the chain as Graphviz DOT; every string from a record is escaped (`dot_string`)."""
     lines = ["digraph lineage {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
     for node in report.nodes:
-        label = f"{node.kind}: {node.name}\\n{node.digest[:19]}"
-        lines.append(f'  "{node.digest}" [label="{label}"];')
+        label = dot_string(f"{node.kind}: {node.name}\n{node.digest[:19]}")
+        lines.append(f"  {dot_string(node.digest)} [label={label}];")
         if node.parent:
-            lines.append(f'  "{node.parent}" -> "{node.digest}";')
+            lines.append(f"  {dot_string(node.parent)} -> {dot_string(node.digest)};")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +21,7 @@ from openrelease.layout import (
 from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
 from openrelease.params import STAGES, PipelineParams
 from openrelease.record.tracking import tracking_uri
+from openrelease.safeio import read_json_file
 from openrelease.secrets import redact
 
 
@@ -87,7 +87,7 @@ def _eval_status(project_dir: Path) -> tuple[StageStatus, dict[str, dict[str, fl
     path = Workspace(project_dir).eval_dir / EVAL_METRICS
     if not path.is_file():
         return StageStatus(stage="eval", done=False, path=rel, summary="not run"), {}
-    metrics: dict[str, dict[str, float]] = json.loads(path.read_text(encoding="utf-8"))
+    metrics: dict[str, dict[str, float]] = read_json_file(path)
     results = Workspace(project_dir).eval_results.rglob("*.json")
     num = sum(1 for p in results if step_of(p.stem) is not None)
     summary = f"{num} checkpoints evaluated; final metrics of {len(metrics)} stages"
@@ -112,7 +112,7 @@ def _audit_status(project_dir: Path) -> StageStatus:
     path = Workspace(project_dir).audit
     if not path.is_file():
         return StageStatus(stage="audit", done=False, path=AUDIT, summary="not run")
-    report = json.loads(path.read_text(encoding="utf-8"))
+    report = read_json_file(path)
     names = {1: "Class I", 2: "Class II", 3: "Class III"}
     label = names.get(report.get("mof_class"), "unclassified")
     return StageStatus(stage="audit", done=True, path=AUDIT, summary=f"MOF {label}")

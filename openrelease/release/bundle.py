@@ -1,7 +1,8 @@
 """Assemble a release folder from a workspace's record: MOF 1.0 evidence plus MANIFEST.json.
 
-Reads artifacts/ through the manifest.py schemas (no torch); builds in a hidden sibling folder
-and renames it over ``out_dir``, so a failed build leaves no half-written bundle behind.
+Reads artifacts/ through the manifest.py schemas (torch only to convert training states to their
+pickle-free form); builds in a hidden sibling folder and swaps it in atomically, so a failed
+build leaves no half-written bundle behind.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from openrelease.layout import (
     EVAL_PLOTS,
     METRICS,
     PARAMS,
+    PORTABLE_STATE_FILES,
     RECORD,
     STAGE_MANIFEST,
     STATE_FILE,
@@ -152,8 +154,21 @@ def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
 
 
 def _add_state(plan: FilePlan, folder: Path, dest: str) -> None:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        plan.add_file(f"{dest}/{path.relative_to(folder).as_posix()}", path, immutable=True)
+    """Plan a training state in its pickle-free form, converted from the workspace's DCP state.
+
+    DCP metadata is a pickle, so a bundle never ships it (see `openrelease.train.portable`);
+    converting needs torch, which a workspace holding training states has.
+    """
+    try:
+        from openrelease.train.portable import export_state
+    except ImportError:
+        raise ArtifactError(
+            "bundling training states converts them to safetensors, which needs torch: "
+            "pip install 'openrelease[train]', or set release.retention to keep no state."
+        ) from None
+    portable = export_state(folder)
+    for name in sorted(PORTABLE_STATE_FILES):
+        plan.add_file(f"{dest}/{name}", portable / name, immutable=True)
 
 
 def _plan_states(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:

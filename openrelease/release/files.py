@@ -6,9 +6,12 @@ hashing only what has no recorded sha256, refusing secrets, and swaps it in atom
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,12 +249,54 @@ def check_dirs(project_dir: Path, out_dir: Path) -> None:
         )
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        True when swapped; False where the kernel, C library or filesystem cannot (then nothing
+        changed).
+
+    Raises:
+        OSError: The exchange itself failed (e.g. permissions).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def swap_in(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename ``tmp_dir`` to ``out_dir``; a previous bundle there is moved aside, then removed."""
+    """Make ``tmp_dir`` the bundle at ``out_dir``, so that ``out_dir`` is never missing.
+
+    An existing bundle is exchanged with the new one in one atomic step (`exchange`), then
+    removed from where the new one was built: at every instant ``out_dir`` is the old bundle or
+    the new one, even under ``kill -9``. Where the exchange is not available (not Linux, glibc
+    before 2.28, a filesystem without RENAME_EXCHANGE) the old bundle is renamed aside and the
+    new one renamed in: a crash between the two leaves the old bundle at
+    ``.<name>.old-<pid>`` beside ``out_dir``.
+    """
+    if not out_dir.exists():
+        os.replace(tmp_dir, out_dir)
+        return
+    if exchange(tmp_dir, out_dir):
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # now the old bundle
+        return
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
+    os.replace(out_dir, old)
     try:
         os.replace(tmp_dir, out_dir)
     except BaseException:

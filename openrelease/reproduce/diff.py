@@ -6,7 +6,6 @@ the `CheckpointDiff` (a `ReproduceReport` is one).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -16,6 +15,7 @@ from openrelease.digest import sha256_file
 from openrelease.layout import CHECKPOINT_META, WEIGHTS, Workspace
 from openrelease.manifest import CheckpointMeta, read_model
 from openrelease.params import StageName
+from openrelease.safeio import loads_json, read_regular
 
 
 class FileCheck(BaseModel):
@@ -121,8 +121,20 @@ def _tensor_drift(recorded: Path, replayed: Path) -> list[TensorDrift]:
 def _loss_by_step(path: Path) -> dict[int, float]:
     if not path.is_file():
         return {}
-    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
-    return {int(r["step"]): float(r["loss"]) for r in rows}
+    text = read_regular(path, max_bytes=MAX_METRICS_BYTES)
+    rows = [loads_json(line, where=str(path)) for line in text.splitlines() if line.strip()]
+    return {
+        int(r["step"]): float(r["loss"])
+        for r in rows
+        if isinstance(r, dict) and _number(r.get("step")) and _number(r.get("loss"))
+    }
+
+
+MAX_METRICS_BYTES = 256 << 20
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _max_delta(drift: list[TensorDrift]) -> float | None:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -151,6 +152,21 @@ def _package_root() -> Path:
     return Path(__file__).resolve().parent.parent.parent
 
 
+_ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)|error): .+$")
+"""The line that says what went wrong, in a worker's traceback (``ArtifactError: ...``)."""
+_RANK = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
+
+
+def failure_line(log_text: str) -> str:
+    """The last exception line of a torchrun log (not the whole traceback), or its last line."""
+    lines = [_RANK.sub("", line).strip() for line in log_text.splitlines() if line.strip()]
+    found = [line for line in lines if _ERROR_LINE.match(line)]
+    # torchrun's own ChildFailedError summary comes last; the worker's own error is more useful
+    useful = [line for line in found if "ChildFailedError" not in line]
+    line = (useful or found or lines or ["no output"])[-1]
+    return line[:500]
+
+
 def run_replay(
     root: Path, stage: StageName, params: PipelineParams, *, stop_at_step: int, world_size: int
 ) -> TrainReport:
@@ -174,10 +190,11 @@ def run_replay(
     with log_path.open("wb") as log:
         proc = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=log, check=False)
     if proc.returncode != 0 or not report_path.is_file():
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+        log_text = log_path.read_text(encoding="utf-8", errors="replace")
         raise ReplayError(
-            f"the {world_size}-process replay of {stage} failed (exit {proc.returncode}); "
-            f"its log ends:\n{tail}"
+            f"the {world_size}-process replay of {stage} failed (exit {proc.returncode}): "
+            f"{failure_line(log_text)}; re-run with OPENRELEASE_DEBUG=1 for the workers' log."
+            + (f"\n{log_text[-3000:]}" if os.environ.get("OPENRELEASE_DEBUG") else "")
         )
     return read_model(report_path, TrainReport)
 

@@ -7,7 +7,9 @@ Picks the state and checkpoint, checks they belong to one run, runs `openrelease
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -41,8 +43,11 @@ from openrelease.reproduce.replay import (
     run_replay,
     scratch_for,
 )
+from openrelease.safeio import loads_json, read_regular
 from openrelease.train import INIT_FROM, TrainReport, stage_params_digest
 from openrelease.train import checkpoint as ckpt
+from openrelease.train.portable import pickle_free_problem
+from openrelease.verify.tokenizer_probe import has_own_regex
 
 GUARANTEE = (
     "bitwise identical sha256 when replayed with the recorded world size and thread count on "
@@ -194,6 +199,54 @@ def _find_init(
     )
 
 
+def _check_regular_files(bundle_dir: Path) -> None:
+    """A bundle holds regular files only: a symlink, FIFO or device in it is refused up front."""
+    for dirpath, dirnames, filenames in os.walk(bundle_dir):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                shown = ascii(path.relative_to(bundle_dir).as_posix())
+                raise ArtifactError(
+                    f"{shown} in {bundle_dir} is {kind}; a bundle holds regular files only, so "
+                    "nothing ran (run `openrelease verify` on it).",
+                    path=str(path),
+                )
+
+
+MAX_TOKENIZER_BYTES = 512 << 20
+
+
+def _check_tokenizer_regexes(tokenizer_dir: Path) -> None:
+    """A bundle's tokenizer must not bring regular expressions of its own.
+
+    `tokenizers` runs them with no time limit over every training text, so a crafted pattern
+    would hang the replay; openrelease's own tokenizers (byte-level BPE) never have one.
+    """
+    for path in sorted(tokenizer_dir.glob("*.json")):
+        doc = loads_json(read_regular(path, max_bytes=MAX_TOKENIZER_BYTES), where=str(path))
+        if has_own_regex(doc):
+            raise ArtifactError(
+                f"{path} holds regular expressions of its own, which a replay would run with no "
+                "time limit over every training text; openrelease's tokenizers have none, so "
+                "nothing ran (run `openrelease verify` on the bundle).",
+                path=str(path),
+            )
+
+
+def _check_pickle_free(target: Bundle, stage: str, state_dir: Path) -> None:
+    """A bundle's training state must be safetensors + JSON: a pickle in it is never loaded."""
+    if problem := pickle_free_problem(state_dir):
+        rel = state_dir.relative_to(target.root).as_posix()
+        raise ArtifactError(
+            f"{rel} {problem}: a bundle's training states must be pickle-free (safetensors + "
+            f"JSON), so it is not loaded and nothing ran; replay {stage} from step 0 "
+            "(--from-step 0) or ask the publisher for a bundle built by this openrelease.",
+            path=str(state_dir),
+        )
+
+
 def _check_state(state_dir: Path, identity: dict[str, str | None]) -> dict[str, Any]:
     info: dict[str, Any] = read_json(state_dir / STATE_FILE)
     wrong = [k for k, v in identity.items() if info.get(k) != v]
@@ -214,6 +267,8 @@ def _check_data(target: Target, data_dir: Path, record: StageRecord | None) -> D
             f"the recorded run read data {recorded['data-manifest'][:19]}..., but {data_dir} "
             f"holds {manifest.data_digest[:19]}...; replay needs the recorded data."
         )
+    if isinstance(target, Bundle):
+        _check_tokenizer_regexes(data_dir / manifest.tokenizer_dir)
     pointers = data_dir / DATA_POINTERS
     if isinstance(target, Bundle) and pointers.is_file():
         for entry in read_json(pointers)["files"]:
@@ -267,6 +322,8 @@ def _plan(
     states = ckpt.list_states(target.states(stage))
     hint = _more_states_hint(target, stage)
     first, last = _choose_steps(stage, [m.step for m in metas], states, span, hint)
+    if first and isinstance(target, Bundle):
+        _check_pickle_free(target, stage, states[first])
     meta = next(m for m in metas if m.step == last)
     params = _stage_params(target, stage, given, meta.params_digest)
     record_path = target.record(stage)
@@ -369,7 +426,10 @@ def reproduce(
         ParamsError: ``target`` is no workspace or bundle, or its params are not the recorded.
         ReplayError: The replay process failed.
     """
-    plan = _plan(_target(target), stage, (from_step, to_step), params)
+    resolved = _target(target)
+    if isinstance(resolved, Bundle):
+        _check_regular_files(resolved.root)
+    plan = _plan(resolved, stage, (from_step, to_step), params)
     root = Path(tempfile.mkdtemp(prefix=f"openrelease-replay-{stage}-", dir=work_dir))
     started = time.monotonic()
     try:

@@ -51,6 +51,7 @@ from openrelease.manifest import (
     read_model,
     write_json,
 )
+from openrelease.train.portable import is_portable, load_portable_state
 
 
 def _complete_steps(parent: Path, marker: str) -> list[tuple[int, Path]]:
@@ -300,12 +301,18 @@ def load_state(
     """Load a training state into ``model`` and ``optimizer`` in place; collective.
 
     Also restores this rank's RNG streams. The world size must equal the saving run's for
-    bit-exact continuation (DCP itself reshards).
+    bit-exact continuation (DCP itself reshards). A pickle-free state (what a bundle ships, see
+    `openrelease.train.portable`) is loaded with safetensors only; a DCP state is this
+    workspace's own (its metadata is a pickle, so a DCP state from elsewhere is never loaded:
+    `openrelease.reproduce` refuses one).
 
     Returns:
         The state's ``info`` dict (state.json).
     """
     info: dict[str, Any] = read_json(state_dir / STATE_FILE)
+    if is_portable(state_dir):
+        load_portable_state(state_dir, model=model, optimizer=optimizer, rank=_rank())
+        return info
     rng_path = state_dir / f"rng_rank{_rank()}.pt"
     if not rng_path.is_file():
         raise ArtifactError(
@@ -314,9 +321,9 @@ def load_state(
         )
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp_load(state, checkpoint_id=str(state_dir))
+    dcp_load(state, checkpoint_id=str(state_dir))  # self-written; see the docstring
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
-    _restore_rng(torch.load(rng_path, weights_only=True))
+    _restore_rng(torch.load(rng_path, weights_only=True))  # self-written; see the docstring
     return info
 
 

@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict
 from openrelease.data.store import DataStore
 from openrelease.data.tasks import extract_answer, format_reasoning
 from openrelease.digest import hash_folder, sha256_bytes, sha256_file, sha256_tree
-from openrelease.errors import DataError
+from openrelease.errors import ArtifactError, DataError
 from openrelease.manifest import read_model, write_bytes_atomic, write_json
 from openrelease.params import TeacherParams
+from openrelease.safeio import loads_json
 
 logger = logging.getLogger(__name__)
 TRACES_FILE = "traces.jsonl"
@@ -48,8 +49,8 @@ def _trace_rows_from_file(path: Path, display: str) -> list[dict[str, str]]:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = loads_json(raw, where=f"{display}:{line_no}")
+            except ArtifactError:
                 raise DataError(f"{display}:{line_no}: not a JSON object in UTF-8.") from None
             missing = [
                 k
@@ -74,7 +75,8 @@ def _generate_traces(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model: Any = AutoModelForCausalLM.from_pretrained(folder)
+    # safetensors only: a teacher folder is an input, its pytorch_model.bin a pickle
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
     problems = store.records("distill")

@@ -28,6 +28,7 @@ from openrelease.errors import ArtifactError
 from openrelease.layout import STATE_FILE, Workspace
 from openrelease.manifest import CheckpointFacts
 from openrelease.params import TrainStageParams
+from openrelease.safeio import read_json_file
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
 from openrelease.train.job import Objective, StepOutcome, TrainJob
@@ -154,7 +155,7 @@ def _resume(
     dist.barrier()
     state_dir = ckpt.latest_state(workspace.states(stage))
     if state_dir is not None:
-        saved = json.loads((state_dir / STATE_FILE).read_text())
+        saved = read_json_file(state_dir / STATE_FILE)
         if {k: saved.get(k) for k in _IDENTITY} != _identity(job):
             logger.warning(
                 "%s was written with other params, data or initial weights; starting afresh",

@@ -6,6 +6,7 @@ Reads only; never writes, never loads tensors or pickles, never imports torch.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,14 +15,20 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, computed_field
-from tokenizers import Tokenizer
 
 from openrelease.digest import sha256_tree
 from openrelease.errors import ArtifactError
-from openrelease.layout import BUNDLE_MANIFEST, CHECKPOINT_META, STEP_DIR, BundleSection
+from openrelease.layout import (
+    BUNDLE_MANIFEST,
+    CHECKPOINT_META,
+    PORTABLE_STATE_FILES,
+    STEP_DIR,
+    BundleSection,
+)
 from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
 from openrelease.verify.safetensors_header import read_safetensors_header
 from openrelease.verify.signing import check_signatures
+from openrelease.verify.tokenizer_probe import encode_probe
 from openrelease.verify.untrusted import (
     ProgressFn,
     hash_files,
@@ -36,7 +43,10 @@ MAX_TOKENIZER_BYTES = 512 << 20
 MAX_YAML_BYTES = 4 << 20
 MAX_YAML_NODES = 100_000
 STAGE_ORDER = ("pretrain", "sft", "distill", "grpo")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".distcp", ".npz")
+PICKLE_NAMES = frozenset({".metadata"})
+"""torch.distributed.checkpoint's (pickled) metadata file."""
+SIGNATURE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}\.sig\.json")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MOF_PATH_KEYS = frozenset({"path", "location", "component_path", "license_path"})
 
@@ -170,6 +180,14 @@ def _check_manifest(
                 f"has {digests[path]} ({sizes[path]} bytes) but MANIFEST.json records "
                 f"{entry.sha256} ({entry.size} bytes).",
             )
+        elif path not in digests and sizes[path] != entry.size:
+            report.changed.append(path)
+            report.add(
+                "changed_file",
+                path,
+                f"is {sizes[path]} bytes but MANIFEST.json records {entry.size} bytes "
+                "(not hashed).",
+            )
     for path in sorted(set(sizes) - seen):
         report.extra.append(path)
         report.add("extra_file", path, "is in the bundle but not listed in MANIFEST.json.")
@@ -183,6 +201,36 @@ def _check_manifest(
         )
 
 
+def _check_signature_folder(walked: dict[str, int], report: VerifyReport) -> None:
+    """signatures/ holds only ``<key id>.sig.json`` files: nothing else rides along unchecked."""
+    prefix = f"{BundleSection.SIGNATURES}/"
+    for rel in sorted(r for r in walked if r.startswith(prefix)):
+        name = rel.removeprefix(prefix)
+        if "/" in name or not SIGNATURE_NAME.fullmatch(name):
+            report.add(
+                "signature_folder",
+                rel,
+                "is not a signature (signatures/<key id>.sig.json); it is outside MANIFEST.json "
+                "and would be published unchecked: remove it.",
+            )
+
+
+def _check_states(sizes: dict[str, int], report: VerifyReport) -> None:
+    """Every training state is pickle-free: only the portable files, nothing DCP or torch.save."""
+    prefix = f"{BundleSection.STATES}/"
+    for rel in sorted(r for r in sizes if r.startswith(prefix)):
+        parts = rel.split("/")
+        if len(parts) != 4 or STEP_DIR.fullmatch(parts[2]) is None:
+            report.add("state_file", rel, "is not in a states/<stage>/step-<N>/ folder.")
+        elif parts[3] not in PORTABLE_STATE_FILES:
+            report.add(
+                "state_file",
+                rel,
+                "is not part of a pickle-free training state (safetensors + JSON); replay "
+                "refuses the state, and loading it could run code.",
+            )
+
+
 def _check_files(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> None:
     for rel in sorted(sizes):
         if rel.endswith(".safetensors"):
@@ -190,7 +238,7 @@ def _check_files(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) 
                 read_safetensors_header(bundle_dir / rel)
             except ArtifactError as exc:
                 report.add("safetensors_header", rel, str(exc))
-        elif rel.endswith(PICKLE_SUFFIXES):
+        elif rel.endswith(PICKLE_SUFFIXES) or rel.rsplit("/", 1)[-1] in PICKLE_NAMES:
             report.add(
                 "pickle_file",
                 rel,
@@ -218,9 +266,9 @@ def _check_tokenizer(bundle_dir: Path, sizes: dict[str, int], report: VerifyRepo
         report.add("tokenizer", tok_rel, why)
         return
     try:
-        ids = tuple(Tokenizer.from_str(text).encode(probe.text).ids)
-    except Exception as exc:  # tokenizers raises bare Exception for any malformed file
-        report.add("tokenizer", tok_rel, f"cannot be loaded by `tokenizers`: {str(exc)[:200]}")
+        ids = encode_probe(text, probe.text)
+    except ArtifactError as exc:
+        report.add("tokenizer", tok_rel, str(exc))
         return
     if ids != probe.ids:
         first = next(
@@ -309,9 +357,59 @@ def _check_parent(
         )
 
 
+def _check_chain(views: list[CheckpointView], report: VerifyReport) -> None:
+    """From the final checkpoint, parent digests must lead to a root (no parent) without a loop.
+
+    Every parent named must be a checkpoint of the release: a chain that leaves the bundle is
+    incomplete, and one that comes back to a checkpoint already seen is a loop.
+    """
+    metas = [v for v in views if v.meta is not None]
+    if not metas:
+        return
+    by_digest: dict[str, CheckpointView] = {}
+    for v in metas:  # byte-identical checkpoints share a digest: the earliest one stands
+        assert v.meta is not None
+        by_digest.setdefault(v.meta.checkpoint_digest, v)
+    first_step = {v.stage: v.step for v in reversed(metas)}
+    node: CheckpointView | None = metas[-1]
+    seen: set[str] = set()  # by folder: byte-identical checkpoints are flagged elsewhere
+    while node is not None and node.meta is not None:
+        seen.add(node.where)
+        parent = node.meta.parent_digest
+        if parent is None:
+            return
+        if parent in by_digest and by_digest[parent].where in seen:
+            report.add(
+                "parent_chain",
+                node.where,
+                f"parent_digest {parent} leads back to a checkpoint already on the chain: "
+                "the lineage loops.",
+            )
+            return
+        if parent not in by_digest and first_step[node.stage] == node.step:
+            report.add(
+                "outside_base",
+                node.where,
+                f"the {node.stage} stage starts from {parent}, which this release does not "
+                "carry: its lineage cannot be checked before that base.",
+                severity="warning",
+            )
+            return
+        if parent not in by_digest:
+            report.add(
+                "parent_chain",
+                node.where,
+                f"parent_digest {parent} is no checkpoint of this release: the lineage from "
+                "the final checkpoint is incomplete.",
+            )
+            return
+        node = by_digest[parent]
+
+
 def check_lineage(views: list[CheckpointView], report: VerifyReport) -> None:
     """Check each checkpoint against its meta.json, the parent chain, and duplicate weights."""
     views = sorted(views, key=lambda v: (_stage_key(v.stage), v.step))
+    _check_chain(views, report)
     stage_of = {v.meta.checkpoint_digest: v.stage for v in views if v.meta is not None}
     by_weights: dict[tuple[tuple[str, str | None], ...], str] = {}
     prev: CheckpointView | None = None
@@ -361,6 +459,27 @@ def _check_checkpoints(
         del files[CHECKPOINT_META]
         views.append(CheckpointView(stage, int(match["step"]), where, meta, files))
     check_lineage(views, report)
+    _check_final_model(views, digests, report)
+
+
+def _check_final_model(
+    views: list[CheckpointView], digests: dict[str, str], report: VerifyReport
+) -> None:
+    """model/ must hold the final checkpoint's files, byte for byte."""
+    if not views:
+        return
+    final = max(views, key=lambda v: (_stage_key(v.stage), v.step))
+    for path, (_, digest) in sorted(final.files.items()):
+        rel = f"{BundleSection.MODEL}/{path}"
+        if rel not in digests:
+            report.add("final_model", rel, f"is missing; model/ must be {final.where}.")
+        elif digests[rel] != digest:
+            report.add(
+                "final_model",
+                rel,
+                f"differs from {final.where}/{printable_name(path)}: model/ is not the final "
+                "checkpoint's weights.",
+            )
 
 
 def _mof_paths(doc: Any) -> Iterator[str]:
@@ -393,8 +512,9 @@ def check_mof(bundle_dir: Path, sizes: dict[str, int], report: VerifyReport) -> 
     except ArtifactError as exc:
         report.add("mof", "mof.yaml", str(exc))
         return
-    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError) as exc:
-        # ValueError: a scalar YAML types but cannot build (date 2025-13-45, a 5000-digit int)
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError, TypeError) as exc:
+        # ValueError: a scalar YAML types but cannot build (date 2025-13-45, a 5000-digit int);
+        # TypeError: a complex key (`? [a, b]`) that cannot be a dict key
         report.add("mof", "mof.yaml", f"cannot be read as YAML: {type(exc).__name__}.")
         return
     folders = {p.rsplit("/", i)[0] for p in sizes for i in range(1, p.count("/") + 1)}
@@ -431,16 +551,23 @@ def verify_bundle(
     """
     manifest = load_bundle_manifest(bundle_dir)
     report = VerifyReport(target=str(bundle_dir))
+    walked = _walk(bundle_dir, report)
+    _check_signature_folder(walked, report)
     sizes = {
         rel: size
-        for rel, size in _walk(bundle_dir, report).items()
-        if rel != BUNDLE_MANIFEST and not rel.startswith("signatures/")
+        for rel, size in walked.items()
+        if rel != BUNDLE_MANIFEST and not rel.startswith(f"{BundleSection.SIGNATURES}/")
     }
-    digests, errors = hash_files(bundle_dir, sizes, progress=progress, num_threads=num_threads)
+    # Hash only what the manifest lists at the size it lists: an unlisted (or resized, e.g.
+    # sparse) file is reported without reading its bytes.
+    listed = {e.path: e.size for e in manifest.files}
+    to_hash = {rel: size for rel, size in sizes.items() if listed.get(rel) == size}
+    digests, errors = hash_files(bundle_dir, to_hash, progress=progress, num_threads=num_threads)
     for rel, why in sorted(errors.items()):
         report.add("unreadable", rel, f"cannot be read: {why}")
     report.num_files, report.num_bytes = len(digests), sum(sizes[p] for p in digests)
     _check_manifest(manifest, sizes, digests, report)
+    _check_states(sizes, report)
     _check_files(bundle_dir, sizes, report)
     _check_tokenizer(bundle_dir, sizes, report)
     _check_checkpoints(bundle_dir, sizes, digests, report)

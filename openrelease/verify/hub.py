@@ -243,6 +243,23 @@ def _read_listings(hub: _Hub, main: str) -> dict[str, Observed]:
     return listings
 
 
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe_endpoint(api: HfApi, repo_id: str) -> None:
+    """One request to the Hub before the real ones, so that a Hub that does not answer fails now.
+
+    huggingface_hub retries a connection error five times with back-off (about 24 s, a warning
+    each time); any HTTP answer here (even 401 or 404) means the Hub is there.
+
+    Raises:
+        httpx2.TransportError: No answer (refused, reset, timed out, name unknown).
+    """
+    from huggingface_hub import get_session
+
+    get_session().head(f"{api.endpoint}/api/models/{repo_id}", timeout=PROBE_TIMEOUT_S)
+
+
 def verify_hub(
     repo_id: str,
     *,
@@ -274,6 +291,7 @@ def verify_hub(
     try:
         with tempfile.TemporaryDirectory(prefix="openrelease-verify-") as tmp:
             hub = _Hub(HfApi(endpoint=endpoint, token=token), repo_id, Path(tmp))
+            probe_endpoint(hub.api, repo_id)
             listings = _read_listings(hub, main)
             if BUNDLE_MANIFEST not in listings[main]:
                 raise ArtifactError(

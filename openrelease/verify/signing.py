@@ -74,8 +74,10 @@ def generate_key(private_path: Path) -> tuple[Path, str]:
     Raises:
         ParamsError: ``private_path`` exists (keys are never overwritten).
     """
-    if private_path.exists():
-        raise ParamsError(f"{private_path} exists; choose another path (keys are not overwritten).")
+    pub_path = private_path.with_name(private_path.name + ".pub")
+    for path in (private_path, pub_path):
+        if path.exists() or path.is_symlink():
+            raise ParamsError(f"{path} exists; choose another path (keys are not overwritten).")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -87,12 +89,28 @@ def generate_key(private_path: Path) -> tuple[Path, str]:
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     public = key.public_key()
-    pub_path = private_path.with_name(private_path.name + ".pub")
     pub_pem = public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    write_bytes_atomic(pub_path, pub_pem)
+    _create_atomic(pub_path, pub_pem)
     return pub_path, key_id(public)
+
+
+def _create_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file, then hard-link it to ``path`` (all or nothing).
+
+    Unlike a rename, the link never replaces a ``path`` that appeared meanwhile.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_bytes_atomic(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ParamsError(
+            f"{path} exists; choose another path (keys are not overwritten)."
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_private(path: Path) -> Ed25519PrivateKey:

@@ -6,7 +6,6 @@ Every failure is an `ArtifactError` naming the file; nothing here writes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -19,8 +18,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from openrelease.digest import PREFIX
-from openrelease.errors import ArtifactError
 from openrelease.manifest import validate_model
+from openrelease.safeio import loads_json, read_regular
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -50,32 +49,12 @@ def unsafe_path_reason(path: str) -> str | None:
 
 def read_capped(path: Path, *, max_bytes: int) -> bytes:
     """Read a regular file (never through a symlink) of at most ``max_bytes``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise ArtifactError(f"{path} cannot be opened ({exc.strerror}).", path=str(path)) from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ArtifactError(f"{path} is not a regular file.", path=str(path))
-        if info.st_size > max_bytes:
-            raise ArtifactError(
-                f"{path} is {info.st_size} bytes, above the {max_bytes}-byte limit for this file.",
-                path=str(path),
-            )
-        return f.read(max_bytes + 1)[:max_bytes]
+    return read_regular(path, max_bytes=max_bytes, follow_symlinks=False)
 
 
 def parse_json_bytes(data: bytes, *, where: str) -> Any:
-    """Decode UTF-8 JSON; bad encoding, bad JSON or too-deep nesting is an `ArtifactError`."""
-    try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{where} is not valid UTF-8.", path=where) from None
-    except RecursionError:
-        raise ArtifactError(f"{where} is JSON nested too deeply to read.", path=where) from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{where} is not valid JSON ({exc}).", path=where) from None
+    """Decode strict UTF-8 JSON (duplicate keys refused); anything else is an `ArtifactError`."""
+    return loads_json(data, where=where)
 
 
 def read_model_capped(
@@ -94,8 +73,11 @@ def _sha256_fd(path: Path, on_bytes: Callable[[int], None]) -> str:
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(0, "not a regular file")
         while n := f.readinto(buf):
             h.update(view[:n])  # hashlib drops the GIL for large updates
             on_bytes(n)
