@@ -54,12 +54,17 @@ class SafeConsole(Console):
     cannot make highlighting quadratic. Control characters are escaped before rendering.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        for off in ("markup", "highlight", "emoji"):
+            kwargs.setdefault(off, False)
+        super().__init__(**kwargs)
+
     def render_str(self, text: str, **kwargs: Any) -> Any:  # noqa: D102 - see the class
         return super().render_str(clean(text), **kwargs)
 
 
-out = SafeConsole(soft_wrap=True, markup=False, highlight=False, emoji=False)
-err = SafeConsole(stderr=True, soft_wrap=True, markup=False, highlight=False, emoji=False)
+out = SafeConsole(soft_wrap=True)
+err = SafeConsole(stderr=True, soft_wrap=True)
 
 
 def _debug() -> bool:

@@ -177,7 +177,7 @@ def test_fifos_never_block(tmp_path: Path, pristine_bundle: Path) -> None:
 def test_a_long_token_renders_in_linear_time(tmp_path: Path) -> None:
     token = "a" * 200_000 + "0x1f" * 50_000 + "/" * 100_000  # highlighter bait, no spaces
     with (tmp_path / "out.txt").open("w") as f:
-        console = SafeConsole(file=f, soft_wrap=True, markup=False, highlight=False)
+        console = SafeConsole(file=f, soft_wrap=True)  # its defaults: no markup, no highlighting
         console.print(f"  error: [x] {token}: [/bold] \x1b[2J")
     written = (tmp_path / "out.txt").read_text()
     assert "\x1b" not in written and "[/bold]" in written and token in written
