@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner, Result
 
 from openrelease.cli import app
 
 runner = CliRunner()
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch <path>``: a stand-in for a malicious pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def hostile_pickle(touched: Path) -> bytes:
+    """A pickle whose loading runs ``touch touched``: the file exists afterwards iff it ran."""
+    return pickle.dumps(_RunsCode(touched))
+
 
 Snapshot = dict[str, tuple[str, int, int]]
 """{relative path: (kind, size, mtime_ns)}; kind is file, dir or link."""

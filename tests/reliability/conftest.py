@@ -25,3 +25,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pristine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid bundle built once (tests/bundle_factory.py); copy it, never change it."""
     return make_bundle(tmp_path_factory.mktemp("pristine"), num_checkpoints=2)
+
+
+@pytest.fixture
+def cwd_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from the test's tmp folder, so a stray relative write shows up in its snapshot."""
+    monkeypatch.chdir(tmp_path)

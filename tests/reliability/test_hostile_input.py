@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from cli_checks import (
     assert_no_crash,
     changed_files,
     copy_bundle,
+    hostile_pickle,
     invoke,
     snapshot,
 )
@@ -34,6 +34,8 @@ from huggingface_hub import HfApi
 
 from openrelease.digest import sha256_tree
 from openrelease.release.publish import publish_bundle
+
+pytestmark = pytest.mark.usefixtures("cwd_in_tmp")
 
 PARAMS = (Path(__file__).parents[1] / "assets" / "params_test.yaml").read_text(encoding="utf-8")
 SENTINEL = "pwned"
@@ -52,22 +54,6 @@ def _alias_bomb() -> bytes:
         refs = ", ".join([f"*a{i - 1}"] * 9)
         lines.append(f"a{i}: &a{i} [{refs}]")
     return ("\n".join(lines) + "\n").encode()
-
-
-class _RunsCode:
-    """Unpickling this runs ``touch <path>``: a stand-in for a malicious pickle."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {self.path}",))
-
-
-@pytest.fixture(autouse=True)
-def _cwd_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run from the test's tmp folder, so a stray relative write shows up in its snapshot."""
-    monkeypatch.chdir(tmp_path)
 
 
 # --------------------------------------------------------------------------- params.yaml
@@ -372,7 +358,7 @@ def _symlink_folder(bundle: Path, outside: Path) -> None:
 
 
 def _pickle_weights(bundle: Path, outside: Path) -> None:
-    payload = pickle.dumps(_RunsCode(outside / SENTINEL))
+    payload = hostile_pickle(outside / SENTINEL)
     (bundle / "model" / "pytorch_model.bin").write_bytes(payload)
     write_manifest(bundle)
 

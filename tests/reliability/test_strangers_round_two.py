@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -20,27 +19,14 @@ from typing import Any
 
 import pytest
 from bundle_factory import write_manifest
-from cli_checks import assert_clean_error, assert_no_crash, copy_bundle, invoke
+from cli_checks import assert_clean_error, assert_no_crash, copy_bundle, hostile_pickle, invoke
 
 from openrelease.cli.app import SafeConsole, clean
 from openrelease.record.lineage import LineageNode, LineageReport, to_dot
 
+pytestmark = pytest.mark.usefixtures("cwd_in_tmp")
+
 SENTINEL = "pwned"
-
-
-class _RunsCode:
-    """Unpickling this runs ``touch <path>``: a stand-in for a malicious pickle."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {self.path}",))
-
-
-@pytest.fixture(autouse=True)
-def _cwd_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
 
 
 def _problems(bundle: Path) -> set[tuple[str, str]]:
@@ -75,8 +61,8 @@ def test_pickled_training_state_is_refused_and_runs_nothing(
     state = bundle / "states/pretrain/step-10"
     state.mkdir(parents=True)
     (state / "state.json").write_text(json.dumps({"step": 10}))
-    (state / ".metadata").write_bytes(pickle.dumps(_RunsCode(tmp_path / SENTINEL)))
-    (state / "rng_rank0.pt").write_bytes(pickle.dumps(_RunsCode(tmp_path / SENTINEL)))
+    (state / ".metadata").write_bytes(hostile_pickle(tmp_path / SENTINEL))
+    (state / "rng_rank0.pt").write_bytes(hostile_pickle(tmp_path / SENTINEL))
     write_manifest(bundle)
 
     problems = _problems(bundle)
