@@ -47,6 +47,11 @@ PARAMS = "params.yaml"
 AUDIT = "audit.json"
 TMP_PREFIX = ".tmp-"
 """Folders being written; renamed into place when complete."""
+DATASET_CARD = "data/README.md"
+"""The dataset repo's card in a bundle; publish puts it (and data/croissant.json) at the
+dataset repo's root."""
+ALLOWED_SECRETS = "allowed_secrets.json"
+"""At a bundle's root: the secret-like matches it carries on purpose (test fixtures)."""
 DATA_POINTERS = "pointers.json"
 """In a bundle's ``data/``: the URL and sha256 of each data file the bundle does not carry."""
 
@@ -106,6 +111,10 @@ def eval_samples_rel(stage: str) -> str:
 EVAL_METRICS = "metrics.json"
 EVAL_CURVE = "curve.csv"
 EVAL_PLOTS = "plots"
+EVAL_LM_EVAL = "lm_eval.json"
+"""lm-evaluation-harness scores and their settings, keyed by checkpoint digest (DVC metrics)."""
+EVAL_LM_EVAL_CURVE = "lm_eval.csv"
+"""lm-evaluation-harness scores per scored checkpoint, for `dvc plots`."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,59 @@ def bundle_state_rel(stage: str, step: int) -> str:
 def bundle_log_rel(stage: str, name: str) -> str:
     """``logs/<stage>/<name>`` in a bundle (``metrics.jsonl``, ``record.json``)."""
     return f"logs/{stage}/{name}"
+
+
+# --------------------------------------------------------------------------- Hub branches
+
+PUBLISH_MARKER = "PUBLISHING_IN_PROGRESS.md"
+"""On ``main`` while `publish` runs: the release there is incomplete until it is gone."""
+STAGING_BRANCH = "openrelease-staging"
+"""Where publish commits a new checkpoint before creating its branch at that commit."""
+HUB_BRANCHES = "branches.json"
+"""At a bundle's root: the Hub branch of every checkpoint (``release.branch_name``)."""
+LEGACY_BRANCH = "{stage}-step{step}"
+"""Branch names of bundles that carry no branches.json."""
+HUB_BRANCH = re.compile(
+    r"(?:(?P<stage>[A-Za-z0-9_.]+)-)?step-?(?P<step>\d+)"
+    r"(?:-tokens(?P<tokens>\d+(?:\.\d+)?)(?P<unit>[KMBT]?)B?)?"
+)
+"""A checkpoint branch as releases name them: ``step1000`` (Pythia), ``pretrain-step200``,
+``stage1-step1000-tokens5B`` (OLMo), ``pretrain-step200-tokens12M`` (ours)."""
+_TOKEN_UNITS = (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3))
+
+
+def format_tokens(num_tokens: int) -> str:
+    """``12M``, ``1.5B``, ``830K``: 3 significant digits with a unit; exact below 1000."""
+    for unit, scale in _TOKEN_UNITS:
+        value = float(f"{num_tokens / scale:.3g}")
+        if value >= 1:
+            return f"{value:g}{unit}"
+    return str(num_tokens)
+
+
+def branch_tokens(match: re.Match[str]) -> float | None:
+    """The token count a `HUB_BRANCH` match names (None when it names none)."""
+    if match["tokens"] is None:
+        return None
+    return float(match["tokens"]) * dict(_TOKEN_UNITS).get(match["unit"], 1)
+
+
+def hub_branch(template: str, *, stage: str, step: int, tokens: int) -> str:
+    """A checkpoint's branch name from the ``release.branch_name`` template."""
+    return template.format(
+        stage=stage, step=step, tokens=format_tokens(tokens), tokens_exact=tokens
+    )
+
+
+DATASET_ROOT_FILES = (DATASET_CARD, "data/croissant.json")
+"""Bundle files that go to the dataset repo's root (the card, and Croissant beside it)."""
+
+
+def dataset_repo_path(bundle_path: str) -> str:
+    """Where a bundle ``data/...`` file lies in the dataset repo."""
+    if bundle_path in DATASET_ROOT_FILES:
+        return bundle_path.rsplit("/", 1)[-1]
+    return bundle_path
 
 
 class BundleSection:

@@ -157,6 +157,40 @@ class BundleManifest(Record):
     """sha256_tree over ``files``."""
 
 
+class AllowedSecretRule(Record):
+    """One ``release.allowed_secrets`` rule: a bundle path glob and why it holds no secret."""
+
+    path: str
+    reason: str
+
+
+class AllowedSecretFinding(Record):
+    """A secret-like match the bundle carries on purpose, and what allowed it."""
+
+    path: str
+    line: int
+    what: str
+    allowed_by: str
+
+
+class AllowedSecrets(Record):
+    """``allowed_secrets.json``: the rules a bundle was built with and every match they allow."""
+
+    schema_version: Literal[1] = 1
+    rules: tuple[AllowedSecretRule, ...] = ()
+    allowed: tuple[AllowedSecretFinding, ...] = ()
+
+
+class HubBranches(Record):
+    """``branches.json``: the Hub branch publish gives each checkpoint of the bundle."""
+
+    schema_version: Literal[1] = 1
+    template: str
+    """The ``release.branch_name`` it was made with."""
+    branches: dict[str, str]
+    """``checkpoints/<stage>/step-N`` -> branch name."""
+
+
 class TokenizerProbe(Record):
     """A fixed text and the token ids the tokenizer gave it; verify re-encodes and compares."""
 
@@ -255,6 +289,47 @@ class StageRecord(Record):
     status: str
 
 
+class HarnessTaskResult(Record):
+    """One lm-evaluation-harness task (or group) scored on one checkpoint."""
+
+    scores: dict[str, float]
+    """lm-eval's own keys, ``<metric>,<filter>`` (e.g. ``acc,none``, ``acc_stderr,none``)."""
+    config_hash: str | None
+    """sha256 of the task's resolved config as lm-eval reports it; None for a group."""
+    prompt: dict[str, str]
+    """The prompt template: description, doc_to_text, doc_to_choice, doc_to_target, delimiters."""
+    output_type: str | None
+    """multiple_choice, generate_until, loglikelihood, ...; None for a group."""
+    num_fewshot: int | None
+    """Few-shot examples each prompt had (lm-eval's n-shot)."""
+    num_samples: int | None
+    """Documents scored (after the limit)."""
+    task_version: str | None
+    """The task's own ``metadata.version``."""
+    dataset: str | None
+    """``dataset_path`` (a Hub dataset id, or a builder such as json for local files)."""
+    dataset_name: str | None
+    """``dataset_name``: the dataset config."""
+    split: str | None
+    """The split scored (test_split, else validation_split)."""
+
+
+class HarnessRecord(Record):
+    """lm-evaluation-harness scores of one checkpoint and what makes them comparable."""
+
+    harness_version: str
+    """lm-eval's package version."""
+    seed: int
+    """Seed of lm-eval's python, numpy, torch RNGs and of the few-shot sampler."""
+    limit: int | None
+    """Documents per task requested (None: all)."""
+    num_fewshot: int | None
+    """n-shot requested (None: each task's default)."""
+    batch_size: int
+    tasks: dict[str, HarnessTaskResult]
+    """Task or group name -> its result."""
+
+
 class EvalResult(Record):
     """``artifacts/eval/results/<stage>/step-<N>.json``: one checkpoint's metrics."""
 
@@ -267,6 +342,8 @@ class EvalResult(Record):
     eval_digest: str
     """Digest of the eval params and eval data: a change re-evaluates."""
     metrics: dict[str, float]
+    lm_eval: HarnessRecord | None = None
+    """lm-evaluation-harness results, when ``eval.lm_eval`` chose this checkpoint."""
 
 
 class StageReplay(Record):

@@ -6,6 +6,7 @@ YAML path, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -316,6 +317,35 @@ class GRPOParams(TrainStageParams):
 # --------------------------------------------------------------------------- eval, release
 
 
+class LmEvalParams(Params):
+    """lm-evaluation-harness benchmarks, run through its Python API on chosen checkpoints.
+
+    Each score is recorded with the harness version, the task's config hash, its prompt
+    template, n-shot, seed and limit (README "Benchmarks with lm-evaluation-harness").
+    """
+
+    tasks: tuple[str, ...] = ()
+    """Task or group names: any lm-eval knows (arc_easy, hellaswag, ...; downloaded by
+    ``datasets``), the package's own openrelease_arith_mc and openrelease_arith_gen, or tasks
+    defined by YAML under include_path. Empty: lm-eval is not run."""
+    include_path: ProjectPath | None = None
+    """A folder of task YAMLs (searched recursively). Local ``data_files`` in them are
+    relative to the project root, where the eval stage runs."""
+    num_fewshot: int | None = Field(default=None, ge=0)
+    """Few-shot examples per prompt; null: each task's own default."""
+    limit: int | None = Field(default=None, ge=1)
+    """Score only the first N documents of each task; null: all of them."""
+    batch_size: int = Field(default=8, ge=1)
+    """Requests per forward pass."""
+    checkpoints: Literal["all", "every_k", "finals"] = "finals"
+    """Which checkpoints are scored: every one, every k-th of each stage (plus its final), or
+    the final checkpoint of each stage."""
+    every_k: int = Field(default=2, ge=1)
+    """k for checkpoints: every_k (the 1st checkpoint of a stage counts as the 1st)."""
+    seed: int = Field(default=1234, ge=0)
+    """Seed of lm-eval's python, numpy and torch RNGs and of its few-shot sampler."""
+
+
 class EvalParams(Params):
     """The eval stage: which tasks, how much, how to generate."""
 
@@ -327,6 +357,8 @@ class EvalParams(Params):
     """Greedy generation budget per answer."""
     num_samples: int = Field(default=8, ge=0)
     """Sample outputs saved per stage's final checkpoint."""
+    lm_eval: LmEvalParams = LmEvalParams()
+    """Benchmarks scored by lm-evaluation-harness."""
 
 
 class LicenseParams(Params):
@@ -353,6 +385,18 @@ class RetentionParams(Params):
     """Keep the last training state of each stage."""
 
 
+class AllowedSecretParams(Params):
+    """A file whose secret-like content is known not to be a secret (a test fixture)."""
+
+    path: str = Field(min_length=1)
+    """Bundle path or glob (``code/tests/fixtures/*.pem``) the rule covers."""
+    reason: str = Field(min_length=3)
+    """Why the matches are not secrets; shown in the publish plan and recorded in the bundle."""
+
+
+DEFAULT_BRANCH_NAME = "{stage}-step{step}-tokens{tokens}"
+
+
 class ReleaseParams(Params):
     """The release bundle: names, licenses, what to include."""
 
@@ -368,6 +412,23 @@ class ReleaseParams(Params):
     """Path or URL of a research paper to include."""
     retention: RetentionParams = RetentionParams()
     """Resumable training states to include."""
+    allowed_secrets: tuple[AllowedSecretParams, ...] = ()
+    """Files allowed to hold secret-like text (besides lines marked ``pragma: allowlist
+    secret``); every match they allow is listed in the bundle and the publish plan."""
+    branch_name: str = Field(default=DEFAULT_BRANCH_NAME, pattern=r"^[A-Za-z0-9._{}-]+$")
+    """Hub branch of each intermediate checkpoint; ``{stage}``, ``{step}`` and ``{tokens}``
+    (tokens seen, 12M / 1.5B / 830K style, exact below 1000; ``{tokens_exact}`` for the exact
+    count) are filled in. Must contain ``{stage}`` and ``{step}``."""
+
+    @model_validator(mode="after")
+    def _check_branch_name(self) -> ReleaseParams:
+        fields = set(re.findall(r"{([^{}]*)}", self.branch_name))
+        if not {"stage", "step"} <= fields or fields - {"stage", "step", "tokens", "tokens_exact"}:
+            raise ValueError(
+                f"branch_name {self.branch_name!r} must use {{stage}} and {{step}} and only "
+                "{stage}, {step}, {tokens} and {tokens_exact}"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- root

@@ -68,7 +68,7 @@ release:
   producer: openrelease tests
   contact: ''
   repository: https://example.com/tiny-open-llm
-  huggingface: https://huggingface.co/example/tiny-open-llm
+  huggingface: https://huggingface.co/tester/tiny-open-llm
   license:
     distribution:
       name: Apache-2.0

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from project_paths import TEST_PARAMS
+from recording import send_stage
 
 from openrelease.audit.mof import load_mot_yaml, score_release
 from openrelease.audit.report import audit
@@ -42,6 +43,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_data_stage(params, project_dir=project)
         for stage in STAGES_RUN:
             run_stage(stage, params, project_dir=project)
+            send_stage(project, stage)  # what the launcher's recorder does
         run_eval_stage(params, project_dir=project)
     return project
 
@@ -445,10 +447,11 @@ def test_real_bundle_publishes_verifies_and_loads_from_a_branch(
     assert audited.mof_class == 1, [(r.component, r.problem) for r in audited.rows if r.problem]
     assert hub.lfs_bytes_downloaded == 0
     first = sorted(p.name for p in (out / "checkpoints" / "pretrain").iterdir())[0]
-    step = int(first.removeprefix("step-"))
-    local = snapshot_download(
-        repo, revision=f"pretrain-step{step}", endpoint=hub.endpoint, token=TOKEN
-    )
+    branch = json.loads((out / "branches.json").read_text())["branches"][
+        f"checkpoints/pretrain/{first}"
+    ]
+    assert branch.startswith(f"pretrain-step{int(first.removeprefix('step-'))}-tokens")
+    local = snapshot_download(repo, revision=branch, endpoint=hub.endpoint, token=TOKEN)
     model = AutoModelForCausalLM.from_pretrained(local)
     assert model.config.num_hidden_layers > 0
 
@@ -465,8 +468,22 @@ def test_eval_metrics_are_linked_to_the_checkpoint_logged_models(workspace: Path
         (m for m in models if m.name.startswith("sft-step")), key=lambda m: int(m.tags["step"])
     )
     linked = {m.key for m in by_name[final.name].metrics or []}
-    assert {"checkpoint_loss", "heldout_loss"} <= linked, linked
+    assert {"checkpoint_loss", "sft/heldout_loss"} <= linked, linked
     runs = client.search_runs([exp.experiment_id], "tags.`openrelease.stage` = 'eval'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "sft/heldout_loss" in runs[0].data.metrics
+    assert not [k for k in runs[0].data.metrics if "/" not in k]  # every metric is <stage>/...
+    # One step axis for the pipeline: sft's steps come after pretrain's.
+    params = load_params(workspace / "params.yaml")
+    history = client.get_metric_history(runs[0].info.run_id, "sft/heldout_loss")
+    sft_steps = [int(m.tags["step"]) for m in models if m.name.startswith("sft-step")]
+    assert sorted(m.step for m in history) == sorted(
+        params.pretrain.num_steps + s for s in sft_steps
+    )
+    # The pipeline run carries each stage's final eval metrics and ends finished.
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and parent.info.end_time is not None
+    assert {"pretrain/heldout_loss", "sft/heldout_loss"} <= set(parent.data.metrics)
+    final_sft = max(history, key=lambda m: m.step)
+    assert parent.data.metrics["sft/heldout_loss"] == final_sft.value
     assert "dvc.lock_sha256" not in runs[0].data.tags  # no dvc.lock in this workspace

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from recording import send_stage
 
 from openrelease.data.store import DataStore
 from openrelease.digest import hash_folder, sha256_file, sha256_tree
@@ -33,7 +34,9 @@ def test_distill_trains_from_sft_on_the_data_traces(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for stage in ("pretrain", "sft"):
         run_stage(stage, tiny_params, project_dir=project)
+        send_stage(project, stage)  # what the launcher's recorder does
     report = run_stage("distill", tiny_params, project_dir=project)
+    send_stage(project, "distill")
     assert (report.final_step, report.interrupted) == (4, False)
 
     out = project / "artifacts/distill"

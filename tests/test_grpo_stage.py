@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from recording import send_stage
 from torchrun_jobs import finish_job, kill_tree, start_torchrun
 
 from openrelease.data.store import DataStore
@@ -107,6 +108,7 @@ def test_grpo_trains_logs_and_records_the_run(proj: Path) -> None:
     params = load_params(proj / "params.yaml")
     report = run_stage("grpo", params, project_dir=proj)
     assert (report.final_step, report.interrupted) == (5, False)
+    send_stage(proj, "grpo")  # what the launcher's recorder does
     rows = _metrics(proj)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for row in rows:
@@ -221,6 +223,7 @@ def test_grpo_crash_marks_the_run_failed(proj: Path, monkeypatch: pytest.MonkeyP
     _wrapped_setup(monkeypatch, _FailAt, at=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage("grpo", load_params(proj / "params.yaml"), project_dir=proj)
+    send_stage(proj, "grpo")
     record = _record(proj)
     assert record.status == "FAILED"
     client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")

@@ -39,6 +39,8 @@ def _where(path: str) -> tuple[str, str, str, str]:
         return REPO, "model", f"{parts[1]}-{parts[2].replace('-', '')}", "/".join(parts[3:])
     if parts[0] == "model":
         return REPO, "model", "main", "/".join(parts[1:])
+    if path in ("data/README.md", "data/croissant.json"):  # the dataset card and Croissant
+        return f"{REPO}-data", "dataset", "main", parts[1]
     if parts[0] == "data":
         return f"{REPO}-data", "dataset", "main", path
     return REPO, "model", "main", path
@@ -99,18 +101,21 @@ def test_interrupted_publish_uploads_only_the_rest(bundle: Path, hub: HubServer)
         if len(calls) == 8:  # the first call is (0, total)
             raise Interrupted
 
-    # pretrain-step10 (4 files) is committed; pretrain-step20's weights are sent, not committed.
+    # Every LFS object goes up before any commit: stopped after seven files, no checkpoint
+    # branch exists yet and main says the release is incomplete.
     with pytest.raises(Interrupted):
         _publish(bundle, hub, progress=stop_after_seven_files)
     first_puts = {e.path for e in hub.requests("PUT")}
     first_bytes = hub.lfs_bytes_uploaded
     assert first_puts and first_bytes > 0
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    assert {b.name for b in api.list_repo_refs(REPO).branches} == {"main"}
+    assert api.list_repo_files(REPO) == [".gitattributes", "PUBLISHING_IN_PROGRESS.md"]
+    assert _publish(bundle, hub, dry_run=True).incomplete
 
     report = _publish(bundle, hub)
-    assert report.ok
-    by_revision = {t.revision: t for t in report.targets}
-    assert not by_revision["pretrain-step10"].uploaded
-    assert "model.safetensors" in by_revision["pretrain-step20"].uploaded
+    assert report.ok and not report.incomplete
+    assert "PUBLISHING_IN_PROGRESS.md" not in api.list_repo_files(REPO)
     second_puts = [e.path for e in hub.requests("PUT")][len(first_puts) :]
     assert not first_puts & set(second_puts), "an LFS object was uploaded twice"
     files = read_model(bundle / "MANIFEST.json", BundleManifest).files
@@ -156,6 +161,7 @@ def test_changed_file_uploads_only_it_and_needs_a_new_tag(bundle: Path, hub: Hub
     "secret",
     [
         "hf_" + "Ab3" * 12,
+        # pragma: allowlist nextline secret
         "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n",
         "aws key AKIA" + "Z7" * 8,
     ],

@@ -94,7 +94,9 @@ RULES: dict[str, tuple[str, ...]] = {
 _COMPILED = {cid: [re.compile(r) for r in rules] for cid, rules in RULES.items()}
 _KIND = {"code": _CODE, "document": _DOCS, "data": ""}
 _WEIGHT_IDS = ("model_parameters_final", "model_parameters_intermediate")
-_BRANCH = re.compile(r"(?:[a-z0-9_]+-)?(?:step|checkpoint|ckpt)-?\d+", re.IGNORECASE)
+_BRANCH = re.compile(
+    r"(?:[a-z0-9_]+-)?(?:step|checkpoint|ckpt)-?\d+(?:-tokens[0-9.]+[kmbt]?b?)?", re.IGNORECASE
+)
 _ROOT_LICENSE = re.compile(r"(licen[cs]e|copying)[^/]*", re.IGNORECASE)
 _META = re.compile(BUNDLE_CHECKPOINT_DIR + "/" + re.escape(CHECKPOINT_META))
 _SIGNATURES = (  # (SPDX id, phrases that must all appear), most specific first

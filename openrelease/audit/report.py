@@ -45,12 +45,13 @@ from openrelease.audit.mof import (
 )
 from openrelease.digest import PREFIX
 from openrelease.errors import ArtifactError, OpenReleaseError
-from openrelease.layout import BUNDLE_MANIFEST
+from openrelease.layout import BUNDLE_MANIFEST, HUB_BRANCH
 from openrelease.manifest import BundleManifest
 from openrelease.verify.bundle import Problem
 from openrelease.verify.hub import (
     DATA,
     HUB_ERRORS,
+    branch_problems,
     describe_hub_error,
     hub_locations,
     probe_endpoint,
@@ -364,6 +365,17 @@ def _published_paths(
     return out
 
 
+def _branch_listings(
+    api: HfApi, repo_id: str, branches: tuple[str, ...]
+) -> dict[str, dict[str, tuple[int, str | None]]]:
+    """{checkpoint branch: {path: (size, LFS sha256)}}, from the tree API (no downloads)."""
+    return {
+        name: {p: (stat.size, stat.sha256) for p, stat in _hub_files(api, repo_id, name).items()}
+        for name in branches
+        if name != "main" and HUB_BRANCH.fullmatch(name)
+    }
+
+
 def audit_hub_repo(
     repo_id: str,
     *,
@@ -419,7 +431,9 @@ def audit_hub_repo(
                 files.update({path: stat for path, (_, stat) in published.items()})
             rel = ReleaseFiles(target, "hub", read, readable, files=files, branches=branches)
             check_manifest(rel, root=None, check_hashes=False)
-            return _audit(rel, name=repo_id.rsplit("/", 1)[-1])
+            report = _audit(rel, name=repo_id.rsplit("/", 1)[-1])
+            report.problems += branch_problems(_branch_listings(api, repo_id, branches))
+            return report
     except HUB_ERRORS as exc:
         what, hint = describe_hub_error(exc)
         raise ArtifactError(f"{target} cannot be read ({what}); {hint}.") from None

@@ -68,7 +68,7 @@ def verify_cmd(
         list[Path] | None,
         typer.Option(
             "--trusted-key",
-            help="Ed25519 public key (.pub); require a valid signature by it. Repeatable.",
+            help="Public key (.pub, EC or Ed25519); require a valid signature by it. Repeatable.",
         ),
     ] = None,
 ) -> None:

@@ -196,7 +196,6 @@ def tracking_sync(as_json: JsonOpt = False) -> None:
 @tracking_app.command("ui")
 def tracking_ui() -> None:
     """Print the command that opens the MLflow UI on this project's record."""
-    from openrelease.record.tracking import tracking_uri
-    from openrelease.secrets import redact
+    from openrelease.record.tracking import ui_uri
 
-    out.print(f"mlflow ui --backend-store-uri {redact(tracking_uri(Path.cwd()))}", highlight=False)
+    out.print(f"mlflow ui --backend-store-uri {ui_uri(Path.cwd())}", highlight=False)

@@ -98,7 +98,7 @@ def bundle_cmd(
 def keygen_cmd(
     key: Annotated[Path, typer.Argument(help="Private key file to create (PEM, mode 600).")],
 ) -> None:
-    """Create an Ed25519 key pair for signing releases (KEY and KEY.pub)."""
+    """Create an EC P-256 key pair for signing releases (KEY and KEY.pub)."""
     from openrelease.verify.signing import generate_key
 
     pub, kid = generate_key(key)
@@ -108,10 +108,10 @@ def keygen_cmd(
 @app.command("sign")
 def sign_cmd(
     bundle: Annotated[Path, typer.Argument(help="The release folder to sign.")],
-    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (openrelease keygen).")],
+    key: Annotated[Path, typer.Option("--key", help="EC private key PEM (openrelease keygen).")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a release, then sign its MANIFEST.json (signatures/<key id>.sig.json)."""
+    """Verify a release, then sign it with OpenSSF model-signing (signatures/model.sig)."""
     from openrelease.verify.bundle import verify_bundle
     from openrelease.verify.signing import sign_bundle
 
@@ -120,13 +120,11 @@ def sign_cmd(
         render_verify_report(report)
         err.print(f"{bundle} does not verify; not signed", highlight=False)
         raise typer.Exit(1)
-    path, sig = sign_bundle(bundle, key)
+    path, kid = sign_bundle(bundle, key)
     if as_json:
-        print_json(sig)
+        print_json({"signature": str(path), "key_id": kid})
     else:
-        out.print(
-            f"signed {bundle}/{layout.BUNDLE_MANIFEST} with {sig.key_id} -> {path}", highlight=False
-        )
+        out.print(f"signed {bundle} with {kid} -> {path}", highlight=False)
 
 
 @app.command("publish")
@@ -196,6 +194,26 @@ def _render_publish(report: PublishReport) -> None:
         )
     out.print(table)
     out.print(f"tag: {report.tag}", highlight=False)
+    if report.retargeted:
+        out.print(
+            f"re-rendered for {report.repo_id} (built for {report.built_for}): "
+            + ", ".join(report.retargeted),
+            markup=False,
+            highlight=False,
+        )
+    if report.incomplete:
+        out.print(
+            "  main holds PUBLISHING_IN_PROGRESS.md: an earlier publish was interrupted; "
+            "publishing finishes it",
+            markup=False,
+            highlight=False,
+        )
+    for f in report.allowed_secrets:
+        out.print(
+            f"  allowed secret-like text: {f.path}:{f.line} ({f.what}; {f.allowed_by})",
+            markup=False,
+            highlight=False,
+        )
     for label, paths in (("missing", report.missing), ("mismatched", report.mismatched)):
         for path in paths:
             out.print(f"  {label}: {path}", markup=False, highlight=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,6 +27,8 @@ from openrelease.cli.app import (
 from openrelease.params import StageName, load_params
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from openrelease.manifest import EvalResult
     from openrelease.reproduce.run import ReproduceReport
 
@@ -77,17 +81,27 @@ def launch_cmd(
 ) -> None:
     """Start a training stage with the launcher params choose (python, torchrun or srun).
 
-    This is what `dvc.yaml` runs; the exit code is the launcher's.
+    This is what `dvc.yaml` runs; the exit code is the launcher's. A recorder process beside
+    the trainer sends the stage's journal to MLflow (the trainer never imports mlflow).
     """
-    import subprocess
-
+    from openrelease.record.recorder import run_recorded
+    from openrelease.record.tracking import stage_run_key, tracking_uri
     from openrelease.train.launch import launch_command
 
-    compute = load_params(params).compute
+    pipeline = load_params(params)
+    compute = pipeline.compute
     argv = launch_command(compute, stage=stage, params_path=str(params), resolve=True)
     err.print(f"$ {' '.join(argv)}", highlight=False)
     env = {"OMP_NUM_THREADS": str(compute.num_threads), **os.environ}  # the trainer sets threads
-    code = subprocess.call(argv, env=env)
+    project = Path.cwd()
+    code = run_recorded(  # the trainer journals; a recorder process beside it sends to MLflow
+        argv,
+        env=env,
+        project_dir=project,
+        run_key=stage_run_key(project, pipeline, stage),
+        tracking_uri=tracking_uri(project),
+        record_path=layout.Workspace(project).record(stage),
+    )
     if code != 0:
         raise typer.Exit(code)
 
@@ -95,21 +109,55 @@ def launch_cmd(
 # --------------------------------------------------------------------------- eval, plot
 
 
-@app.command("eval")
-def eval_cmd(params: ParamsOpt = DEFAULT_PARAMS, as_json: JsonOpt = False) -> None:
-    """Evaluate every recorded checkpoint not evaluated before (DVC stage `eval`)."""
-    from rich.progress import Progress
+CheckpointDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="Score this transformers checkpoint folder with lm-eval instead of running the stage.",
+    ),
+]
+TaskOpt = Annotated[
+    list[str] | None,
+    typer.Option("--task", help="lm-eval task or group (repeatable); needs --checkpoint."),
+]
+IncludePathOpt = Annotated[
+    Path | None, typer.Option("--include-path", help="A folder of lm-eval task YAMLs.")
+]
 
+
+@app.command("eval")
+def eval_cmd(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    checkpoint: CheckpointDirOpt = None,
+    task: TaskOpt = None,
+    include_path: IncludePathOpt = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", min=0, help="n-shot (default: the task's).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Score the first N documents per task.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="lm-eval batch.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate every recorded checkpoint not evaluated before (DVC stage `eval`).
+
+    With --checkpoint DIR --task NAME, score one checkpoint with lm-evaluation-harness instead.
+    """
+    if checkpoint is not None or task:
+        _score_one(checkpoint, task or [], include_path, num_fewshot, limit, batch_size, as_json)
+        return
     from openrelease.eval.stage import run_eval_stage
 
     pipeline = load_params(params)
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=f"evaluating {what}", completed=done - 1, total=total)
-
-        summary = run_eval_stage(pipeline, project_dir=Path.cwd(), progress=progress)
+    bar, progress = _eval_progress()
+    with bar, redirect_stdout(sys.stderr):  # lm-eval prints progress on stdout
+        summary = run_eval_stage(
+            pipeline,
+            project_dir=Path.cwd(),
+            progress=progress,
+            log_every_s=None if err.is_terminal else HEARTBEAT_S,
+        )
     if as_json:
         print_json(summary)
         return
@@ -117,6 +165,72 @@ def eval_cmd(params: ParamsOpt = DEFAULT_PARAMS, as_json: JsonOpt = False) -> No
     out.print(f"{summary.evaluated} evaluated, {summary.skipped} unchanged", highlight=False)
     for plot in summary.plots:
         out.print(f"plot: {plot}", highlight=False)
+
+
+HEARTBEAT_S = 20.0
+"""Off a terminal, the eval stage logs a line at least this often (the goal is 30 s)."""
+
+
+def _eval_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+    """A checkpoint bar on stderr, hidden off a terminal (the stage logs lines there)."""
+    from rich.progress import Progress, TimeElapsedColumn
+
+    bar = Progress(
+        *Progress.get_default_columns(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    task = bar.add_task("evaluating", total=None)
+
+    def progress(what: str, done: int, total: int) -> None:
+        bar.update(task, description=f"evaluating {what}", completed=done - 1, total=total)
+
+    return bar, progress
+
+
+def _score_one(
+    checkpoint: Path | None,
+    tasks: list[str],
+    include_path: Path | None,
+    num_fewshot: int | None,
+    limit: int | None,
+    batch_size: int,
+    as_json: bool,
+) -> None:
+    """`openrelease eval --checkpoint DIR --task NAME`: lm-eval on one checkpoint folder."""
+    from openrelease.eval.harness import metric_name, score_checkpoint
+    from openrelease.params import LmEvalParams
+
+    if checkpoint is None or not tasks:
+        raise typer.BadParameter("--checkpoint DIR and --task NAME go together; give both.")
+    settings = LmEvalParams(
+        tasks=tuple(tasks), num_fewshot=num_fewshot, limit=limit, batch_size=batch_size
+    )
+    # lm-eval prints progress (e.g. "bootstrapping for stddev") on stdout: keep stdout for results.
+    with err.status(f"lm-eval: {', '.join(tasks)} on {checkpoint}"), redirect_stdout(sys.stderr):
+        record = score_checkpoint(checkpoint, settings, include_path=include_path)
+    if as_json:
+        print_json(record)
+        return
+    table = Table("task", "metric", "value", "stderr", "n-shot", "samples", "config hash")
+    for name, r in record.tasks.items():
+        for key, value in r.scores.items():
+            if "_stderr" in key:
+                continue
+            stderr = r.scores.get(key.replace(",", "_stderr,", 1))
+            table.add_row(
+                name,
+                metric_name(key),
+                f"{value:.4f}",
+                f"{stderr:.4f}" if stderr is not None else "-",
+                str(r.num_fewshot),
+                str(r.num_samples),
+                (r.config_hash or "-")[:19],
+            )
+    table.title = f"lm-evaluation-harness {record.harness_version}, seed {record.seed}"
+    out.print(table)
 
 
 def render_eval_table(results: Iterable[EvalResult]) -> Table:

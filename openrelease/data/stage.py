@@ -322,4 +322,5 @@ def run_data_stage(
         step=0,
     )
     tracker.finish()
+    tracker.send()
     return manifest

@@ -1,4 +1,4 @@
-"""Plots people would rather look at than read: loss across stages, eval curves, GRPO reward/KL.
+"""Plots people would rather look at than read: loss, eval curves, lm-eval scores, GRPO reward/KL.
 
 Works from a workspace (artifacts/) or from a bundle (logs/ and evals/); writes PNG and SVG.
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from openrelease.errors import ArtifactError, ParamsError
+from openrelease.eval.harness import metric_name
 from openrelease.layout import EVAL_PLOTS, EVAL_RESULTS, METRICS, Bundle, Workspace
 from openrelease.manifest import EvalResult, validate_model, write_bytes_atomic
 from openrelease.params import STAGES
@@ -183,6 +184,55 @@ def _eval_plot(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "eval_metrics")
 
 
+def _main_scores(record: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """Task -> its first score that is not a stderr, as (lm-eval key, value)."""
+    out: dict[str, tuple[str, float]] = {}
+    for task, result in record["tasks"].items():
+        keys = [k for k in result["scores"] if "_stderr" not in k]
+        if keys:
+            out[task] = (keys[0], result["scores"][keys[0]])
+    return out
+
+
+def _harness_plot(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """lm-eval's main score of each task against tokens seen over all stages."""
+    import matplotlib.pyplot as plt
+
+    scored = [(r, _main_scores(r["lm_eval"])) for r in results if r.get("lm_eval")]
+    metrics = {t: key for _, main in scored for t, (key, _) in main.items()}
+    if not metrics:
+        return []
+    last: dict[str, int] = {}
+    for r in results:
+        last[r["stage"]] = max(last.get(r["stage"], 0), r["tokens_seen"])
+    offset, offsets = 0, {}
+    for stage in STAGES:
+        offsets[stage], offset = offset, offset + last.get(stage, 0)
+    tasks = sorted(metrics)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for stage in STAGES:
+            pts = sorted(
+                (offsets[stage] + r["tokens_seen"], main[task][1])
+                for r, main in scored
+                if r["stage"] == stage and task in main
+            )
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=stage,
+                    color=_STAGE_COLORS[stage],
+                )
+        ax.set_title(f"{task} ({metric_name(metrics[task])})", fontsize=9)
+        ax.set_xlabel("tokens seen (cumulative over stages)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("lm-evaluation-harness scores per checkpoint", y=1.02)
+    return _save(fig, out_dir, "lm_eval_scores")
+
+
 def _grpo_plot(rows: list[dict[str, float]], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -216,6 +266,7 @@ def write_plots(
     evals = results if results is not None else read_eval_results(root)
     if evals:
         paths += _eval_plot(evals, out_dir)
+        paths += _harness_plot(evals, out_dir)
     if metrics.get("grpo"):
         paths += _grpo_plot(metrics["grpo"], out_dir)
     return paths

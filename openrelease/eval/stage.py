@@ -18,10 +18,20 @@ from openrelease.data.store import DataStore, read_jsonl
 from openrelease.data.tasks import extract_answer, has_reasoning_format
 from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
+from openrelease.eval.harness import (
+    HarnessPlan,
+    harness_fingerprint,
+    harness_metrics,
+    harness_tags,
+    plan_harness,
+    write_harness_outputs,
+)
+from openrelease.eval.progress import Heartbeat
 from openrelease.layout import STAGE_MANIFEST, Workspace, checkpoint_rel, eval_result_rel
 from openrelease.manifest import (
     CheckpointMeta,
     EvalResult,
+    InputRecord,
     StageManifest,
     StageRecord,
     read_model,
@@ -29,7 +39,8 @@ from openrelease.manifest import (
     write_text_atomic,
 )
 from openrelease.params import STAGES, EvalParams, PipelineParams
-from openrelease.record.tracking import StageTracker, input_for_file
+from openrelease.record.runinfo import model_key, pipeline_step
+from openrelease.record.tracking import StageTracker
 
 Progress = Callable[[str, int, int], None]
 EVAL_DIR = "artifacts/eval"
@@ -191,8 +202,14 @@ def evaluate_checkpoint(
     return metrics
 
 
-def _eval_digest(params: EvalParams, store: DataStore) -> str:
-    return sha256_json({"eval": params.model_dump(mode="json"), "data": store.manifest.data_digest})
+def _eval_digest(params: EvalParams, store: DataStore, project_dir: Path) -> str:
+    return sha256_json(
+        {
+            "eval": params.model_dump(mode="json"),
+            "data": store.manifest.data_digest,
+            "lm_eval": harness_fingerprint(params.lm_eval, project_dir=project_dir),
+        }
+    )
 
 
 def _stage_manifests(project_dir: Path) -> dict[str, StageManifest]:
@@ -245,35 +262,73 @@ def write_samples(
 
 
 def run_eval_stage(
-    params: PipelineParams, *, project_dir: Path, progress: Progress | None = None
+    params: PipelineParams,
+    *,
+    project_dir: Path,
+    progress: Progress | None = None,
+    log_every_s: float | None = None,
 ) -> EvalSummary:
-    """Evaluate every checkpoint not evaluated before; write results, DVC metrics and plots."""
+    """Evaluate every checkpoint not evaluated before; write results, DVC metrics and plots.
+
+    With ``log_every_s``, each step is logged as it starts and a heartbeat line follows at
+    least that often (progress in a non-TTY log such as `dvc exp run`'s).
+    """
     import torch
 
     torch.manual_seed(0)
     store = DataStore(project_dir / params.data.out_dir)
     eval_dir = project_dir / EVAL_DIR
-    digest = _eval_digest(params.eval, store)
+    digest = _eval_digest(params.eval, store, project_dir)
     manifests = _stage_manifests(project_dir)
     todo = [(s, c) for s, m in manifests.items() for c in m.checkpoints]
+    harness = plan_harness(
+        params.eval.lm_eval,
+        {s: m.checkpoints for s, m in manifests.items()},
+        project_dir=project_dir,
+    )
     tracker = StageTracker("eval", params=params, project_dir=project_dir, out_dir=eval_dir)
-    tracker.start(
-        [input_for_file("data_manifest", "data", store.data_dir / STAGE_MANIFEST, project_dir)]
-        + [
-            input_for_file(f"{stage}_manifest", "checkpoint manifest", path, project_dir)
-            for stage in manifests
-            if (path := Workspace(project_dir).stage_manifest(stage)).is_file()
+    data_manifest = store.data_dir / STAGE_MANIFEST
+    tracker.start(  # the same name and digest as the training stages give this input
+        [
+            InputRecord(
+                name="data-manifest",
+                kind="data",
+                path=data_manifest.relative_to(project_dir).as_posix(),
+                digest=store.manifest.data_digest,
+            )
         ]
     )
+    run_keys = _model_keys(project_dir, list(manifests))
+    for stage, meta in todo:  # every checkpoint evaluated: a LoggedModel input of this run
+        tracker.log_model_input(_model_key(run_keys, stage, meta), meta.checkpoint_digest)
     try:
-        summary = _evaluate_all(
-            params, project_dir, store, todo, manifests, digest, tracker, progress
-        )
+        with Heartbeat(log_every_s) as beat:
+            summary = _evaluate_all(
+                params,
+                project_dir,
+                store,
+                todo,
+                manifests,
+                digest,
+                tracker,
+                progress,
+                harness,
+                beat,
+            )
     except BaseException:
         tracker.finish(status="FAILED")
+        tracker.send()
         raise
     tracker.finish()
+    tracker.send()
     return summary
+
+
+def _model_key(run_keys: dict[str, str], stage: str, meta: CheckpointMeta) -> str:
+    """The LoggedModel key of a checkpoint; a digest key when its stage has no record."""
+    if stage in run_keys:
+        return model_key(run_keys[stage], meta.step)
+    return f"digest:{meta.checkpoint_digest}"
 
 
 def _model_keys(project_dir: Path, stages: list[str]) -> dict[str, str]:
@@ -295,6 +350,8 @@ def _evaluate_all(
     digest: str,
     tracker: StageTracker,
     progress: Progress | None,
+    harness: HarnessPlan | None,
+    beat: Heartbeat,
 ) -> EvalSummary:
     from openrelease.eval.plots import write_plots
 
@@ -305,6 +362,7 @@ def _evaluate_all(
     for i, (stage, meta) in enumerate(todo, start=1):
         if progress:
             progress(f"{stage} step {meta.step}", i, len(todo))
+        beat.step(f"{stage} step {meta.step} ({i}/{len(todo)})")
         result_path = eval_dir / eval_result_rel(stage, meta.step)
         if result_path.exists():
             old = read_model(result_path, EvalResult)
@@ -315,6 +373,10 @@ def _evaluate_all(
         metrics = evaluate_checkpoint(
             project_dir / ckpt, store=store, params=params.eval, project_dir=project_dir
         )
+        scores = None
+        if harness is not None and harness.wants(stage, meta.step):
+            beat.step(f"{stage} step {meta.step}: lm-eval {', '.join(harness.params.tasks)}")
+            scores = harness.score(project_dir / ckpt)
         result = EvalResult(
             stage=stage,
             step=meta.step,
@@ -323,18 +385,27 @@ def _evaluate_all(
             checkpoint_digest=meta.checkpoint_digest,
             eval_digest=digest,
             metrics=metrics,
+            lm_eval=scores,
         )
         write_json(result_path, result)
         results.append(result)
         evaluated += 1
-        tracker.log_metrics({f"{stage}/{k}": v for k, v in metrics.items()}, step=meta.step)
-        if stage in run_keys:  # linked to the checkpoint's LoggedModel in the training run
-            tracker.log_model_metrics(
-                f"{run_keys[stage]}:step-{meta.step}", metrics, step=meta.step
-            )
+        # `<stage>/<metric>` on the pipeline's step axis, linked to the checkpoint's LoggedModel
+        logged = metrics | (harness_metrics(scores) if scores else {})
+        key = _model_key(run_keys, stage, meta)
+        tracker.log_model_metrics(
+            key,
+            {f"{stage}/{k}": v for k, v in logged.items()},
+            step=pipeline_step(params, stage, meta.step),
+            final=True,
+        )
+        if scores:
+            tracker.tag_model(key, harness_tags(scores))
+    _log_final_metrics(params, results, tracker)
     for stage, manifest in manifests.items():
         samples = eval_dir / "samples" / f"{stage}.jsonl"
         if evaluated or not samples.exists():
+            beat.step(f"{stage}: sample outputs")
             write_samples(
                 stage,
                 project_dir / manifest.final_checkpoint,
@@ -342,7 +413,9 @@ def _evaluate_all(
                 params=params.eval,
                 out_path=samples,
             )
+    beat.step("writing metrics and plots")
     _write_dvc_outputs(results, eval_dir)
+    write_harness_outputs(results, eval_dir)
     plots = write_plots(
         project_dir, results=[r.model_dump() for r in results], out_dir=eval_dir / "plots"
     )
@@ -352,6 +425,20 @@ def _evaluate_all(
         results=tuple(results),
         plots=tuple(p.as_posix() for p in plots),
     )
+
+
+def _log_final_metrics(
+    params: PipelineParams, results: list[EvalResult], tracker: StageTracker
+) -> None:
+    """Each stage's final-checkpoint metrics on the pipeline run, so pipelines compare."""
+    final: dict[str, EvalResult] = {}
+    for r in sorted(results, key=lambda r: r.step):
+        final[r.stage] = r
+    for stage, r in final.items():
+        tracker.log_pipeline_metrics(
+            {f"{stage}/{k}": v for k, v in r.metrics.items()},
+            step=pipeline_step(params, stage, r.step),
+        )
 
 
 def _write_dvc_outputs(results: list[EvalResult], eval_dir: Path) -> None:

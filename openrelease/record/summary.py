@@ -20,9 +20,8 @@ from openrelease.layout import (
 )
 from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
 from openrelease.params import STAGES, PipelineParams
-from openrelease.record.tracking import tracking_uri
+from openrelease.record.tracking import ui_uri
 from openrelease.safeio import read_json_file
-from openrelease.secrets import redact
 
 
 class StageStatus(BaseModel):
@@ -46,7 +45,8 @@ class WorkspaceReport(BaseModel):
     plots: tuple[str, ...]
     """PNG plots written by the eval stage."""
     tracking_uri: str
-    """Where the MLflow record is; open it with ``mlflow ui --backend-store-uri <uri>``."""
+    """Where the MLflow record is; open it from the project folder with
+    ``mlflow ui --backend-store-uri <uri>``."""
 
 
 def _data_status(project_dir: Path, params: PipelineParams) -> StageStatus:
@@ -131,5 +131,5 @@ def describe_workspace(project_dir: Path, params: PipelineParams) -> WorkspaceRe
         stages=tuple(stages),
         final_metrics=metrics,
         plots=tuple(plots),
-        tracking_uri=redact(tracking_uri(project_dir)),
+        tracking_uri=ui_uri(project_dir),
     )

@@ -1,26 +1,23 @@
 """The provenance record of a stage: MLflow runs (through the journal) and ``record.json``.
 
-Only rank 0 records. If MLflow is unreachable, training goes on: operations stay in the journal
-and `sync_journals` (`openrelease tracking sync`) replays them later.
+Only rank 0 records, and only to the journal and ``record.json``: this module never imports
+mlflow, so a training process never waits on it. A recorder process (`openrelease.record.recorder`,
+started by `openrelease launch`) or `sync_journals` (`openrelease tracking sync`) sends the journal
+to MLflow; if MLflow is unreachable, operations stay in the journal for later.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 import os
-import platform
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from openrelease.digest import sha256_bytes, sha256_file, sha256_json
+from openrelease.digest import sha256_file, sha256_json
 from openrelease.layout import RECORD
 from openrelease.manifest import (
     CheckpointMeta,
@@ -31,27 +28,31 @@ from openrelease.manifest import (
     write_json,
     write_text_atomic,
 )
-from openrelease.params import PipelineParams
-from openrelease.record.journal import JOURNALS, Journal, drain, journal_dir, now_ms
+from openrelease.params import STAGES, PipelineParams
+from openrelease.record.journal import EMBEDDED_DB, JOURNALS, Journal, journal_dir, now_ms
+from openrelease.record.runinfo import (
+    checkpoint_model_key,
+    dataset_source,
+    dvc_experiment,
+    environment_info,
+    flatten,
+    git_info,
+    git_output,
+    model_key,
+    pip_freeze,
+    pipeline_step,
+    registered_name,
+    source_tags,
+)
 from openrelease.secrets import redact
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_TRACKING_URI = f"sqlite:///{EMBEDDED_DB}"
 FLUSH_EVERY_S = 10.0
-OFFLINE_RETRY_S, OFFLINE_RETRY_MAX_S = 30.0, 600.0
-"""While MLflow is unreachable, retry after 30 s, doubling up to 10 min: a locked SQLite store
-blocks each attempt for MLflow's 20 s busy timeout, and training must not wait on it."""
-_ENV_KEPT = (
-    "CUDA_VISIBLE_DEVICES",
-    "OMP_NUM_THREADS",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NCCL_ALGO",
-    "NCCL_PROTO",
-    "CUBLAS_WORKSPACE_CONFIG",
-    "PYTHONHASHSEED",
-)
+"""How often buffered metrics reach the journal (checkpoints, start and end go at once)."""
+MODEL_INPUT_KINDS = ("checkpoint", "reference-checkpoint")
+"""Inputs that are release checkpoints: linked as LoggedModel inputs, not datasets."""
 
 
 def tracking_uri(project_dir: Path) -> str:
@@ -59,74 +60,17 @@ def tracking_uri(project_dir: Path) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{(project_dir / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(project_dir / EMBEDDED_DB).resolve()}"
 
 
-def _git(project_dir: Path, *args: str) -> str | None:
-    try:
-        proc = subprocess.run(
-            ["git", *args], cwd=project_dir, capture_output=True, check=False, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else None
+def ui_uri(project_dir: Path) -> str:
+    """The store URI to open the record with, from the project folder (redacted).
 
-
-def git_info(project_dir: Path, journal_dir: Path) -> GitInfo:
-    """Commit and dirtiness; a dirty tree's diff is saved beside the journal (redacted)."""
-    commit = _git(project_dir, "rev-parse", "HEAD")
-    status = _git(project_dir, "status", "--porcelain", "--untracked-files=no")
-    diff = _git(project_dir, "diff", "HEAD") or ""
-    dirty = bool(status and status.strip())
-    diff_sha = None
-    if dirty:
-        diff = redact(diff)
-        write_text_atomic(journal_dir / "git.diff", diff)
-        diff_sha = sha256_bytes(diff.encode("utf-8"))
-    return GitInfo(commit=commit.strip() if commit else None, dirty=dirty, diff_sha256=diff_sha)
-
-
-def environment_info(*, world_size: int, num_threads: int) -> dict[str, str]:
-    """Versions, hardware and the numerics-relevant environment (never secrets)."""
-    env = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": str(os.cpu_count()),
-        "world_size": str(world_size),
-        "num_threads": str(num_threads),
-    }
-    for dist in ("torch", "transformers", "tokenizers", "numpy", "mlflow", "dvc", "openrelease"):
-        try:
-            env[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            env[dist] = "absent"
-    if "torch" in sys.modules:
-        import torch
-
-        env["cuda"] = str(torch.version.cuda)
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-            env["gpu_count"] = str(torch.cuda.device_count())
-            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))  # type: ignore[no-untyped-call]
-    env.update({k: os.environ[k] for k in _ENV_KEPT if k in os.environ})
-    return env
-
-
-def pip_freeze() -> str:
-    """``name==version`` of every installed distribution, sorted."""
-    lines = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}
-    return "\n".join(sorted(lines)) + "\n"
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten nested params into MLflow ``a.b.c`` keys with string values (redacted)."""
-    if isinstance(obj, dict):
-        out: dict[str, str] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): redact(str(obj))[:6000]}
+    The embedded store is ``sqlite:///mlflow.db``, relative, because its artifact locations are
+    relative to the project too.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return redact(uri) if uri else DEFAULT_TRACKING_URI
 
 
 def pipeline_key(project_dir: Path, params: PipelineParams) -> str:
@@ -138,9 +82,14 @@ def pipeline_key(project_dir: Path, params: PipelineParams) -> str:
     explicit = os.environ.get("OPENRELEASE_PIPELINE_RUN")
     if explicit:
         return "pipeline-" + hashlib.sha256(explicit.encode()).hexdigest()[:16]
-    commit = (_git(project_dir, "rev-parse", "HEAD") or "no-git").strip()
+    commit = (git_output(project_dir, "rev-parse", "HEAD") or "no-git").strip()
     body = sha256_json({"commit": commit, "params": params.model_dump(mode="json")})
     return "pipeline-" + body.removeprefix("sha256:")[:16]
+
+
+def stage_run_key(project_dir: Path, params: PipelineParams, stage: str) -> str:
+    """The journal key of ``stage``'s run in this pipeline (the launcher's recorder needs it)."""
+    return f"{pipeline_key(project_dir, params)}:{stage}"
 
 
 def _iso(ms: int) -> str:
@@ -148,7 +97,11 @@ def _iso(ms: int) -> str:
 
 
 class StageTracker:
-    """Records one stage run. Construct on every rank; only ``enabled`` (rank 0) writes."""
+    """Records one stage run. Construct on every rank; only ``enabled`` (rank 0) writes.
+
+    Everything goes to the journal (``.openrelease/journal/<run>/``) and ``record.json``; no
+    method imports mlflow or waits on it.
+    """
 
     def __init__(
         self,
@@ -172,17 +125,22 @@ class StageTracker:
         self.journal = Journal(journal_dir(project_dir, self.run_key))
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
-        self._offline_until = 0.0
-        self._retry_s = OFFLINE_RETRY_S
         self._started_ms = now_ms()
         self._world_size, self._num_threads = world_size, num_threads
         self._inputs: tuple[InputRecord, ...] = ()
         self._checkpoints: list[CheckpointMeta] = []
         self._final: dict[str, float] = {}
-        self._logged: set[tuple[str | None, str, int, float]] | None = None
-        self._sender: threading.Thread | None = None
+        self._logged: set[tuple[str, str | None, str, int, float]] | None = None
         self._git: GitInfo | None = None
         self._env: dict[str, str] = {}
+
+    def _rel(self, path: Path) -> str:
+        """``path`` relative to the project (journal operations never hold absolute paths)."""
+        return (
+            path.relative_to(self.project_dir).as_posix()
+            if path.is_relative_to(self.project_dir)
+            else str(path)
+        )
 
     def _stage_params(self) -> dict[str, Any]:
         dumped = self.params.model_dump(mode="json")
@@ -190,6 +148,34 @@ class StageTracker:
             self.stage, ["seed", "compute", "model", self.stage]
         )
         return {k: dumped[k] for k in sections if k in dumped}
+
+    def _pipeline_run_op(self, source: dict[str, str]) -> dict[str, Any]:
+        """The parent run, reopened by each stage.
+
+        It is named after the DVC experiment and its overrides and carries the whole params,
+        so pipelines compare side by side.
+        """
+        exp_name, overrides = dvc_experiment(self.project_dir)
+        label = exp_name or f"pipeline {self.pipeline_key[9:17]}"
+        if overrides:
+            label += " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
+        tags = {"openrelease.kind": "pipeline", **source}
+        tags["mlflow.source.name"] = "dvc repro"
+        if exp_name:
+            tags["dvc.exp_name"] = exp_name
+        if os.environ.get("DVC_EXP_BASELINE_REV"):
+            tags["dvc.exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+        if overrides:
+            tags["dvc.exp_overrides"] = redact(" ".join(f"{k}={v}" for k, v in overrides.items()))
+        return {
+            "op": "run",
+            "key": self.pipeline_key,
+            "name": label[:250],
+            "time": self._started_ms,
+            "tags": tags,
+            "params": flatten(self.params.model_dump(mode="json")),
+            "reopen": True,
+        }
 
     def start(self, inputs: list[InputRecord]) -> None:
         """Open the parent and child runs and record params, code, environment and inputs."""
@@ -203,23 +189,18 @@ class StageTracker:
         params_path = self.journal.journal_dir / "params.resolved.json"
         write_text_atomic(params_path, redact(dump_json(self.params.model_dump(mode="json"))))
         stage_params = self._stage_params()
+        source = source_tags(self.project_dir, self.stage, self._git)
         tags = {
+            **source,
             "openrelease.stage": self.stage,
             "dvc.stage": self.stage,
             "openrelease.pipeline_key": self.pipeline_key,
             "openrelease.params_digest": sha256_json(stage_params),
-            "openrelease.git_commit": self._git.commit or "none",
             "openrelease.git_dirty": str(self._git.dirty).lower(),
             **{f"env.{k}": redact(v) for k, v in self._env.items()},
         }
         ops: list[dict[str, Any]] = [
-            {
-                "op": "run",
-                "key": self.pipeline_key,
-                "name": f"pipeline {self.pipeline_key[9:17]}",
-                "time": self._started_ms,
-                "tags": {"openrelease.kind": "pipeline"},
-            },
+            self._pipeline_run_op(source),
             {
                 "op": "run",
                 "key": self.run_key,
@@ -227,92 +208,148 @@ class StageTracker:
                 "name": self.stage,
                 "time": self._started_ms,
                 "tags": {"openrelease.kind": "stage"},
+                "reopen": True,  # a resumed stage continues its run
             },
             {"op": "params", "run": self.run_key, "params": flatten(stage_params)},
             {"op": "tags", "run": self.run_key, "tags": tags},
-            {"op": "artifact", "run": self.run_key, "path": str(params_path), "dir": "params"},
-            {"op": "artifact", "run": self.run_key, "path": str(freeze_path), "dir": "environment"},
+            {
+                "op": "artifact",
+                "run": self.run_key,
+                "path": self._rel(params_path),
+                "dir": "params",
+            },
+            {
+                "op": "artifact",
+                "run": self.run_key,
+                "path": self._rel(freeze_path),
+                "dir": "environment",
+            },
         ]
         lock = self.project_dir / "dvc.lock"
         if lock.is_file():  # the lock as this stage starts: the hashes of every stage upstream
             tags["dvc.lock_sha256"] = sha256_file(lock)
-            ops.append({"op": "artifact", "run": self.run_key, "path": str(lock), "dir": "dvc"})
+            ops.append({"op": "artifact", "run": self.run_key, "path": "dvc.lock", "dir": "dvc"})
         if self._git.dirty:
+            diff = self.journal.journal_dir / "git.diff"
             ops.append(
-                {
-                    "op": "artifact",
-                    "run": self.run_key,
-                    "path": str(self.journal.journal_dir / "git.diff"),
-                    "dir": "code",
-                }
+                {"op": "artifact", "run": self.run_key, "path": self._rel(diff), "dir": "code"}
             )
-        ops += [
-            {
-                "op": "input",
-                "run": self.run_key,
-                "name": i.name,
-                "digest": i.digest,
-                "source": f"file://{i.path}",
-                "context": i.kind,
-                "tags": {"sha256": i.digest, "path": i.path},
-            }
-            for i in inputs
-        ]
+        ops += [self._input_op(i) for i in inputs]
         self._pending += ops
-        self.flush(force=True)
+        self.flush()
+
+    def _input_op(self, i: InputRecord) -> dict[str, Any]:
+        """A dataset input (with its MLflow source), or a LoggedModel input for a checkpoint."""
+        if i.kind in MODEL_INPUT_KINDS:
+            key = checkpoint_model_key(self.project_dir, i.path)
+            return {
+                "op": "model_input",
+                "run": self.run_key,
+                "model": key or f"digest:{i.digest}",
+                "digest": i.digest,
+            }
+        return {
+            "op": "input",
+            "run": self.run_key,
+            "name": i.name,
+            "digest": i.digest,
+            "source": dataset_source(i.path),
+            "context": i.kind,
+            "tags": {"sha256": i.digest, "path": i.path},
+        }
+
+    def log_model_input(self, key: str, digest: str) -> None:
+        """Link LoggedModel ``key`` (a checkpoint of any stage) as an input of this run."""
+        if self.enabled:
+            self._pending.append(
+                {"op": "model_input", "run": self.run_key, "model": key, "digest": digest}
+            )
 
     def _new_metrics(
-        self, metrics: dict[str, float], *, step: int, model: str | None
+        self, metrics: dict[str, float], *, step: int, model: str | None, run: str
     ) -> list[list[Any]]:
-        """``[key, value, ts, step]`` rows not journaled before for this run.
+        """``[key, value, ts, step]`` rows not journaled before for ``run``.
 
         A resumed stage re-runs the steps after its last state and, being deterministic, gets
         the values already logged before the kill; they are not sent twice.
         """
         if self._logged is None:
             self._logged = {
-                (op.get("model"), k, int(st), float(v))
+                (op["run"], op.get("model"), k, int(st), float(v))
                 for op in self.journal.read_ops()
-                if op.get("op") == "metrics" and op.get("run") == self.run_key
+                if op.get("op") == "metrics"
                 for k, v, _, st in op["metrics"]
             }
         ts, rows = now_ms(), []
         for k, v in metrics.items():
-            seen = (model, k, step, float(v))
+            seen = (run, model, k, step, float(v))
             if seen not in self._logged:
                 self._logged.add(seen)
                 rows.append([k, float(v), ts, step])
         return rows
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        """Buffer per-step metrics; they reach MLflow in batches."""
+        """Buffer per-step metrics; they reach the journal in batches."""
         if not self.enabled:
             return
         self._final.update({k: float(v) for k, v in metrics.items()})
-        if rows := self._new_metrics(metrics, step=step, model=None):
+        if rows := self._new_metrics(metrics, step=step, model=None, run=self.run_key):
             self._pending.append({"op": "metrics", "run": self.run_key, "metrics": rows})
         if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
             self.flush()
 
-    def log_model_metrics(self, model_key: str, metrics: dict[str, float], *, step: int) -> None:
-        """Log ``metrics`` on this run, linked to the LoggedModel ``model_key`` (any stage's)."""
+    def log_model_metrics(
+        self,
+        model_key: str,
+        metrics: dict[str, float],
+        *,
+        step: int,
+        pipeline: bool = False,
+        final: bool = False,
+    ) -> None:
+        """Log ``metrics`` linked to the LoggedModel ``model_key`` (any stage's).
+
+        They go on this run, or on the parent with ``pipeline``; ``final`` also puts them in
+        record.json.
+        """
         if not self.enabled:
             return
-        if rows := self._new_metrics(metrics, step=step, model=model_key):
-            op = {"op": "metrics", "run": self.run_key, "model": model_key, "metrics": rows}
-            self._pending.append(op)
+        run = self.pipeline_key if pipeline else self.run_key
+        if final:
+            self._final.update({k: float(v) for k, v in metrics.items()})
+        if rows := self._new_metrics(metrics, step=step, model=model_key, run=run):
+            self._pending.append({"op": "metrics", "run": run, "model": model_key, "metrics": rows})
+
+    def log_pipeline_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        """Log ``metrics`` on the pipeline (parent) run."""
+        if not self.enabled:
+            return
+        run = self.pipeline_key
+        if rows := self._new_metrics(metrics, step=step, model=None, run=run):
+            self._pending.append({"op": "metrics", "run": run, "metrics": rows})
+
+    def tag_model(self, model_key: str, tags: dict[str, str]) -> None:
+        """Set ``tags`` on the LoggedModel ``model_key`` (any stage's), e.g. eval settings."""
+        if self.enabled:
+            self._pending.append({"op": "model_tags", "model": model_key, "tags": tags})
 
     def log_checkpoint(self, meta: CheckpointMeta, *, path: Path) -> None:
-        """Record a release checkpoint as an MLflow LoggedModel (no bytes uploaded)."""
+        """Record a release checkpoint as an MLflow LoggedModel whose artifacts are its files.
+
+        The recorder hard-links the files into a local artifact store (no byte stored twice)
+        or uploads them to a server's.
+        """
         if not self.enabled:
             return
         self._checkpoints = [c for c in self._checkpoints if c.step != meta.step] + [meta]
-        model_key = f"{self.run_key}:step-{meta.step}"
+        key = model_key(self.run_key, meta.step)
+        rel = self._rel(path)
         tags = {
-            "uri": path.resolve().as_uri(),
+            "path": rel,
             "stage": meta.stage,
             "step": str(meta.step),
             "tokens_seen": str(meta.tokens_seen),
+            "pipeline_step": str(pipeline_step(self.params, meta.stage, meta.step)),
             "checkpoint_digest": meta.checkpoint_digest,
             "sample_range": f"{meta.sample_range[0]}-{meta.sample_range[1]}",
             "data_digest": meta.data_digest,
@@ -323,74 +360,77 @@ class StageTracker:
             {
                 "op": "model",
                 "run": self.run_key,
-                "key": model_key,
+                "key": key,
                 "name": f"{meta.stage}-step{meta.step}",
+                "dir": rel,
+                "step": meta.step,
                 "tags": tags,
                 "params": {"step": str(meta.step), "stage": meta.stage},
             }
         )
         if meta.loss is not None:
-            self.log_model_metrics(model_key, {"checkpoint_loss": meta.loss}, step=meta.step)
-        # Durable now; MLflow gets it with the next timed flush, off the checkpoint's critical path.
-        self.flush(reach_mlflow=False)
+            self.log_model_metrics(key, {"checkpoint_loss": meta.loss}, step=meta.step)
+        self.flush()
 
-    def flush(self, *, force: bool = False, reach_mlflow: bool = True) -> None:
-        """Journal pending operations, write record.json, and send the journal to MLflow.
+    def flush(self) -> None:
+        """Journal pending operations (one fsync) and rewrite record.json.
 
-        Timed sends run on a background thread, so training steps never wait on MLflow;
-        ``force`` (the start and the end of the run) waits for it and sends in the foreground,
-        even during a back-off. After
-        a failed attempt MLflow is only tried again once the back-off has passed.
-        ``reach_mlflow=False`` makes the record durable (journal, record.json) and leaves MLflow
-        to the next timed flush.
+        Never waits on MLflow: the recorder sends the journal.
         """
         if not self.enabled:
             return
         self.journal.append(self._pending)
         self._pending = []
-        self.write_record(status="RUNNING")
-        if not reach_mlflow:
-            return
         self._last_flush = time.monotonic()
-        if force:
-            self._wait_for_sender()
-            self._send()
-        elif time.monotonic() >= self._offline_until and not self._sending():
-            self._sender = threading.Thread(target=self._send, name="openrelease-mlflow")
-            self._sender.daemon = True  # the journal keeps whatever a killed process did not send
-            self._sender.start()
-
-    def _sending(self) -> bool:
-        return self._sender is not None and self._sender.is_alive()
-
-    def _wait_for_sender(self) -> None:
-        if self._sender is not None:
-            self._sender.join()
-            self._sender = None
-
-    def _send(self) -> None:
-        """Apply the journal's pending operations to MLflow; on failure, back off."""
-        try:
-            drain(self.journal, self.uri)
-        except Exception as exc:  # any tracking failure: training must go on, the journal keeps it
-            self._offline_until = time.monotonic() + self._retry_s
-            self._retry_s = min(2 * self._retry_s, OFFLINE_RETRY_MAX_S)
-            logger.warning(
-                "MLflow unreachable (%s: %s); recording to the journal, run "
-                "`openrelease tracking sync` later",
-                type(exc).__name__,
-                redact(str(exc))[:200],
-            )
-        else:
-            self._offline_until, self._retry_s = 0.0, OFFLINE_RETRY_S
+        self.write_record(status="RUNNING")
 
     def finish(self, *, status: str = "FINISHED") -> StageRecord | None:
-        """Close the run, flush everything and write the final record.json."""
+        """Close the run and write the final record.json.
+
+        The pipeline run ends with the same status (as far as it got); a finished training
+        stage registers its final checkpoint.
+        """
         if not self.enabled:
             return None
-        self._pending.append({"op": "end", "run": self.run_key, "status": status, "time": now_ms()})
-        self.flush(force=True)
+        if status == "FINISHED" and self.stage in STAGES and self._checkpoints:
+            final = max(self._checkpoints, key=lambda c: c.step)
+            self._pending.append(
+                {
+                    "op": "register",
+                    "run": self.run_key,
+                    "model": model_key(self.run_key, final.step),
+                    "name": registered_name(self.params, self.stage),
+                    "stage": self.stage,
+                    "description": f"The final {self.stage} checkpoint of "
+                    f"{self.params.release.name}.",
+                    "tags": {
+                        "sha256": final.checkpoint_digest,
+                        "step": str(final.step),
+                        "tokens": str(final.tokens_seen),
+                    },
+                }
+            )
+        end = now_ms()
+        self._pending.append({"op": "end", "run": self.run_key, "status": status, "time": end})
+        self._pending.append({"op": "end", "run": self.pipeline_key, "status": status, "time": end})
+        self.flush()
         return self.write_record(status=status, finished=True)
+
+    def send(self) -> None:
+        """Send the journal to MLflow now, in this process (data and eval, which do not train).
+
+        Logs a warning when MLflow is unreachable; the journal keeps the record.
+        """
+        if not self.enabled:
+            return
+        from openrelease.record.recorder import send_quietly
+
+        send_quietly(
+            self.project_dir,
+            self.run_key,
+            tracking_uri=self.uri,
+            record_path=self.out_dir / RECORD,
+        )
 
     def write_record(self, *, status: str, finished: bool = False) -> StageRecord:
         """Write ``record.json`` beside the stage outputs from what was recorded so far."""
@@ -426,15 +466,28 @@ class SyncReport(BaseModel):
     failed: dict[str, str]
 
 
+def _first_time(journal: Journal) -> int:
+    ops = journal.read_ops()
+    return int(ops[0].get("time", 0)) if ops else 0
+
+
 def sync_journals(project_dir: Path) -> SyncReport:
-    """Replay every journal under ``.openrelease/journal`` into MLflow (idempotent)."""
+    """Replay every journal under ``.openrelease/journal`` into MLflow (idempotent).
+
+    Journals go in the order their runs started, so a stage's checkpoints exist as LoggedModels
+    before the next stage links them as inputs.
+    """
+    from openrelease.record.applier import drain
+
     uri = tracking_uri(project_dir)
     applied: dict[str, int] = {}
     failed: dict[str, str] = {}
     root = project_dir / JOURNALS
-    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
+    journals = [Journal(p) for p in root.glob("*") if p.is_dir()]
+    for journal in sorted(journals, key=lambda j: (_first_time(j), j.journal_dir.name)):
+        folder = journal.journal_dir
         try:
-            applied[folder.name] = drain(Journal(folder), uri)
+            applied[folder.name] = drain(journal, uri, project_dir)
         except Exception as exc:  # report per journal; the others may still sync
             failed[folder.name] = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
     return SyncReport(applied=applied, failed=failed)

@@ -20,15 +20,20 @@ from pydantic import BaseModel, ConfigDict
 
 import openrelease
 from openrelease.audit.mof import COMPONENTS, is_open_license, mof_release_yaml
-from openrelease.digest import sha256_tree
+from openrelease.digest import sha256_bytes, sha256_tree
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
+    ALLOWED_SECRETS,
     BUNDLE_MANIFEST,
     BUNDLE_PARAMS,
     CERTIFICATE,
     CERTIFICATE_REL,
     CHECKPOINT_META,
+    DATASET_CARD,
     EVAL_CURVE,
+    EVAL_LM_EVAL,
+    EVAL_LM_EVAL_CURVE,
+    HUB_BRANCHES,
     EVAL_METRICS,
     EVAL_PLOTS,
     METRICS,
@@ -48,11 +53,17 @@ from openrelease.layout import (
     state_rel,
 )
 from openrelease.manifest import (
+    AllowedSecretFinding,
+    AllowedSecretRule,
+    AllowedSecrets,
     BundleManifest,
     CheckpointMeta,
+    HubBranches,
     FileEntry,
     ReproCertificate,
+    dump_json,
     read_model,
+    write_bytes_atomic,
     write_json,
 )
 from openrelease.params import (
@@ -65,6 +76,7 @@ from openrelease.params import (
 from openrelease.record.journal import journal_dir
 from openrelease.release.cards import (
     ReleaseRecord,
+    checkpoint_branches,
     component_licenses,
     model_card,
     read_release_record,
@@ -73,6 +85,7 @@ from openrelease.release.cards import (
 )
 from openrelease.release.datacard import (
     croissant_card,
+    dataset_card,
     data_description,
     data_order,
     release_data_files,
@@ -84,6 +97,7 @@ from openrelease.release.files import (
     materialize,
     swap_in,
 )
+from openrelease.secrets import scan_files
 from openrelease.release.sbom import BomDataset, BomModel, ml_bom, release_source
 
 logger = logging.getLogger(__name__)
@@ -266,6 +280,20 @@ def _plan_data(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
         files=files,
     )
     plan.add_json("data/croissant.json", card)
+    shipped = {f.path for f in files if f.url is None and f.path.endswith(".jsonl")}
+    roles = {
+        role: f"data/{e.path}" for role, e in data.datasets.items() if e.path in shipped
+    }
+    plan.add_text(
+        DATASET_CARD,
+        dataset_card(
+            name=f"{name}-data",
+            description=data_description(data),
+            license_id=params.release.licenses.data,
+            model_repo_id=rec.repo_id,
+            roles=roles,
+        ),
+    )
     order = data_order(
         data,
         seed=params.seed,
@@ -288,7 +316,7 @@ def _plan_evals(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
         samples = eval_dir / eval_samples_rel(stage)
         if samples.is_file() and samples.stat().st_size:
             plan.add_file(f"evals/{eval_samples_rel(stage)}", samples)
-    extras = [eval_dir / EVAL_METRICS, eval_dir / EVAL_CURVE]
+    extras = [eval_dir / n for n in (EVAL_METRICS, EVAL_CURVE, EVAL_LM_EVAL, EVAL_LM_EVAL_CURVE)]
     plots = eval_dir / EVAL_PLOTS
     extras += sorted(plots.glob("*")) if plots.is_dir() else []
     for path in extras:
@@ -390,6 +418,16 @@ def _license_text(project_dir: Path, license_id: str) -> bytes:
         f"release.licenses: openrelease ships no text of {license_id!r}; "
         f"put it at LICENSES/{license_id}.txt in the project."
     )
+
+
+def _plan_branches(plan: FilePlan, rec: ReleaseRecord) -> None:
+    """branches.json: the Hub branch of every checkpoint (``release.branch_name``)."""
+    names = checkpoint_branches(rec)
+    record = HubBranches(
+        template=rec.params.release.branch_name,
+        branches={bundle_checkpoint_rel(s, step): b for (s, step), b in names.items()},
+    )
+    plan.add_json(HUB_BRANCHES, record.model_dump(mode="json"))
 
 
 def _plan_docs(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> str:
@@ -504,10 +542,43 @@ def _plan(project_dir: Path, rec: ReleaseRecord) -> FilePlan:
     _plan_configs(plan, project_dir, rec)
     requirements = _plan_code(plan, project_dir, rec)
     paper_path = _plan_docs(plan, project_dir, rec)
+    _plan_branches(plan, rec)
     _plan_sbom(plan, rec, requirements)
     plan.files[f"model/{TOKENIZER_PROBE}"] = plan.files[f"data/{TOKENIZER_PROBE}"]
     _plan_mof(plan, rec, paper_path)  # last: it lists the evidence the plan holds
     return plan
+
+
+def _record_allowed_secrets(
+    plan: FilePlan, tmp_dir: Path, entries: list[FileEntry], params: PipelineParams
+) -> list[FileEntry]:
+    """Scan the written bundle as publish will; record what is allowed, warn about the rest.
+
+    Writes ``allowed_secrets.json`` (rules and allowed matches) when there is anything to
+    record, and returns the entries with it.
+    """
+    rules = [(r.path, r.reason) for r in params.release.allowed_secrets]
+    findings = scan_files(tmp_dir, [e.path for e in entries], rules)
+    for f in (f for f in findings if f.allowed_by is None):
+        plan.warn(
+            f"{f.path}:{f.line} looks like {f.what}; publish will refuse it (mark a fixture's "
+            "line `# pragma: allowlist secret`, or list the file in release.allowed_secrets)"
+        )
+    allowed = [
+        AllowedSecretFinding(path=f.path, line=f.line, what=f.what, allowed_by=f.allowed_by)
+        for f in findings
+        if f.allowed_by is not None
+    ]
+    if not rules and not allowed:
+        return entries
+    record = AllowedSecrets(
+        rules=tuple(AllowedSecretRule(path=g, reason=why) for g, why in rules),
+        allowed=tuple(allowed),
+    )
+    data = dump_json(record.model_dump(mode="json")).encode()
+    write_bytes_atomic(tmp_dir / ALLOWED_SECRETS, data)
+    entry = FileEntry(path=ALLOWED_SECRETS, size=len(data), sha256=sha256_bytes(data))
+    return sorted([*entries, entry], key=lambda e: e.path)
 
 
 def build_bundle(
@@ -546,6 +617,7 @@ def build_bundle(
     try:
         tmp_dir.mkdir(parents=True)
         entries, stats = materialize(plan, tmp_dir, link=link, progress=progress)
+        entries = _record_allowed_secrets(plan, tmp_dir, entries, params)
         digest = sha256_tree({e.path: e.sha256 for e in entries})
         manifest = BundleManifest(
             name=params.release.name,

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import EvalResult as HfEvalResult
+from huggingface_hub import ModelCard, ModelCardData
 
 from openrelease.audit.mof import COMPONENTS
-from openrelease.errors import ArtifactError
+from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
     RECORD,
     STAGE_MANIFEST,
     Workspace,
+    hub_branch,
     stage_rel,
 )
 from openrelease.manifest import (
@@ -30,6 +33,7 @@ from openrelease.manifest import (
     read_model,
 )
 from openrelease.params import STAGES, PipelineParams
+from openrelease.release.model_index import harness_eval_results
 
 HF_LICENSES = {
     "Apache-2.0": "apache-2.0",
@@ -65,6 +69,11 @@ class ReleaseRecord:
     created: str
     certificate: ReproCertificate | None = None
     """The replays of `openrelease bundle --certify`, when the bundle carries them."""
+
+    @property
+    def repo_id(self) -> str:
+        """``organization/name``: the Hub repo the documents name (publish retargets them)."""
+        return f"{self.params.release.organization}/{self.params.release.name}"
 
     @property
     def final_stage(self) -> str:
@@ -223,65 +232,120 @@ def _hf_license(spdx: str) -> dict[str, str]:
     }
 
 
-def model_card(rec: ReleaseRecord) -> str:
-    """README.md with Hugging Face YAML metadata (license, datasets, tags, model-index)."""
-    name, org = rec.params.release.name, rec.params.release.organization
-    final = rec.final_results()
-    last = final.get(rec.final_stage)
-    metrics = (
+def checkpoint_branches(rec: ReleaseRecord) -> dict[tuple[str, int], str]:
+    """The Hub branch of every checkpoint, from the ``release.branch_name`` template.
+
+    Raises:
+        ParamsError: Two checkpoints get one name (e.g. ``{tokens}`` rounds two counts alike).
+    """
+    template = rec.params.release.branch_name
+    names: dict[tuple[str, int], str] = {}
+    for stage, manifest in rec.stages.items():
+        for c in manifest.checkpoints:
+            names[(stage, c.step)] = hub_branch(
+                template, stage=stage, step=c.step, tokens=c.tokens_seen
+            )
+    if len(set(names.values())) < len(names):
+        raise ParamsError(
+            f"release.branch_name {template!r} gives two checkpoints the same branch name; "
+            "use {tokens_exact} instead of {tokens}, or keep {step} distinct."
+        )
+    return names
+
+
+def use_snippet(repo_id: str) -> str:
+    """The card's "Use" code: chat with the model (transformers 5: a BatchEncoding, unpacked)."""
+    return "\n".join(
         [
-            {"type": k, "name": k.replace("_", " "), "value": round(v, 6)}
-            for k, v in sorted(last.metrics.items())
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            'msgs = [{"role": "user", "content": "What is 12 + 30?"}]',
+            "inputs = tok.apply_chat_template(",
+            '    msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+            ")",
+            "out = model.generate(**inputs, max_new_tokens=48, do_sample=False)",
+            'print(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
         ]
-        if last
-        else []
     )
+
+
+def card_eval_results(rec: ReleaseRecord) -> list[HfEvalResult]:
+    """model-index entries: every metric and lm-eval score of the released (final) checkpoint."""
+    repo_id = rec.repo_id
+    last = rec.final_results().get(rec.final_stage)
+    if last is None:
+        return []
+    return [
+        HfEvalResult(
+            task_type="text-generation",
+            task_name="Text generation",
+            dataset_type=f"{repo_id}-data",
+            dataset_name=f"{rec.params.release.name} held-out eval",
+            metric_type=k,
+            metric_name=k.replace("_", " "),
+            metric_value=round(v, 6),
+        )
+        for k, v in sorted(last.metrics.items())
+    ] + harness_eval_results(last)  # lm-eval scores
+
+
+def _checkpoint_table(rec: ReleaseRecord) -> list[str]:
+    branches = checkpoint_branches(rec)
+    results = {(r.stage, r.step): r for r in rec.results}
+    rows = [
+        "| branch | stage | step | tokens | loss | eval |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage, manifest in rec.stages.items():
+        for c in manifest.checkpoints:
+            loss = f"{c.loss:.4f}" if c.loss is not None else "-"
+            r = results.get((stage, c.step))
+            evals = ", ".join(f"{k} {v:.4g}" for k, v in sorted(r.metrics.items())) if r else "-"
+            rows.append(
+                f"| `{branches[(stage, c.step)]}` | {stage} | {c.step} | {c.tokens_seen:,} | "
+                f"{loss} | {evals} |"
+            )
+    return rows
+
+
+def model_card(rec: ReleaseRecord) -> str:
+    """README.md: a `huggingface_hub.ModelCard` (license, datasets, tags, model-index)."""
+    name, repo_id = rec.params.release.name, rec.repo_id
     first = next(iter(rec.stages.values())).checkpoints[0]
-    meta: dict[str, Any] = {
-        **_hf_license(rec.params.release.licenses.weights),
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "datasets": [f"{org}/{name}-data"],
-        "language": ["en"],
-        "tags": ["openrelease", "fully-open", "mof", *rec.stages],
-        "model-index": [
-            {
-                "name": name,
-                "results": [
-                    {
-                        "task": {"type": "text-generation", "name": "Text generation"},
-                        "dataset": {"name": f"{name} held-out eval", "type": f"{org}/{name}-data"},
-                        "metrics": metrics,
-                    }
-                ],
-            }
-        ],
-    }
+    first_branch = checkpoint_branches(rec)[(first.stage, first.step)]
+    license_fields = _hf_license(rec.params.release.licenses.weights)
+    data = ModelCardData(
+        license=license_fields["license"],
+        license_name=license_fields.get("license_name"),
+        license_link=license_fields.get("license_link"),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        datasets=[f"{repo_id}-data"],
+        language=["en"],
+        tags=["openrelease", "fully-open", "mof", *rec.stages],
+        model_name=name,
+        eval_results=card_eval_results(rec) or None,
+    )
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).rstrip(),
-        "---",
-        "",
         f"# {name}",
         "",
         f"A fully-open {rec.num_params() / 1e6:.2f}M-parameter {rec.params.model.arch} causal "
         f"language model trained from scratch by openrelease in {len(rec.stages)} stage(s) "
         f"({rec.stage_chain()}). Weights, every intermediate checkpoint, "
-        "data, data order, code, configs, logs and evaluations are in this release.",
+        f"data ([{repo_id}-data](https://huggingface.co/datasets/{repo_id}-data)), data order, "
+        "code, configs, logs and evaluations are in this release.",
         "",
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{org}/{name}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{org}/{name}")',
-        'msgs = [{"role": "user", "content": "What is 12 + 30?"}]',
-        'ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")',
-        "print(tok.decode(model.generate(ids, max_new_tokens=48)[0]))",
+        use_snippet(repo_id),
         "```",
         "",
-        "Intermediate checkpoints are branches named `<stage>-step<N>` "
-        f'(`from_pretrained("{org}/{name}", revision="{first.stage}-step{first.step}")`).',
+        f"Intermediate checkpoints are branches (`{rec.params.release.branch_name}`, tokens "
+        "seen rounded to 3 digits): "
+        f'`AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{first_branch}")`.',
         "",
         "## Training stages",
         "",
@@ -299,9 +363,15 @@ def model_card(rec: ReleaseRecord) -> str:
         previous = f"{stage} step {c.step}"
     lines += [
         "",
+        "## Checkpoints",
+        "",
+        "Every checkpoint, in training order (the Hub lists branches alphabetically):",
+        "",
+        *_checkpoint_table(rec),
+        "",
         "## Evaluation",
         "",
-        _results_table(final),
+        _results_table(rec.final_results()),
         "",
         *_certificate_section(rec.certificate),
         "## Intended use and limitations",
@@ -317,7 +387,8 @@ def model_card(rec: ReleaseRecord) -> str:
         "`openrelease verify` checks every file against `MANIFEST.json`.",
         "",
     ]
-    return "\n".join(lines)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)
 
 
 def certificate_lines(certificate: ReproCertificate) -> list[str]:

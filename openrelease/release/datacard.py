@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import DatasetCard, DatasetCardData
+
 from openrelease.digest import bare_hex
 from openrelease.errors import ArtifactError
 from openrelease.manifest import CheckpointMeta, DataManifest
@@ -65,6 +67,20 @@ ENCODINGS = {
     ".jinja": "text/plain",
     ".txt": "text/plain",
 }
+HF_LICENSE_IDS = {
+    "Apache-2.0": "apache-2.0",
+    "MIT": "mit",
+    "CC-BY-4.0": "cc-by-4.0",
+    "CC-BY-SA-4.0": "cc-by-sa-4.0",
+    "CC0-1.0": "cc0-1.0",
+    "CDLA-Permissive-1.0": "cdla-permissive-1.0",
+    "CDLA-Permissive-2.0": "cdla-permissive-2.0",
+    "CDLA-Sharing-1.0": "cdla-sharing-1.0",
+    "ODC-By-1.0": "odc-by",
+    "ODbL-1.0": "odbl",
+    "PDDL-1.0": "pddl",
+}
+"""SPDX id -> Hub license id, for the data licenses the Hub knows."""
 ROLE_DESCRIPTIONS = {
     "pretrain_docs": "Pretraining documents (before tokenization and packing).",
     "sft": "Instruction-tuning chat pairs (prompt, response).",
@@ -171,6 +187,76 @@ def croissant_card(
         "distribution": [_file_object(f) for f in files],
         "recordSet": [_record_set(f) for f in files if f.fields],
     }
+
+
+EVAL_ROLE_PREFIX = "eval"
+
+
+def dataset_card(
+    *,
+    name: str,
+    description: str,
+    license_id: str,
+    model_repo_id: str,
+    roles: Mapping[str, str],
+) -> str:
+    """README.md of the dataset repo: a `huggingface_hub.DatasetCard` whose ``configs:`` let
+    ``datasets.load_dataset(repo, "<role>")`` load each role.
+
+    Each role's JSONL files have their own fields, so one config per role; each file is a
+    split (``train`` for training roles, ``test`` for the held-out eval sets).
+
+    Args:
+        name: Dataset name.
+        description: One paragraph on what the data is.
+        license_id: SPDX id (``other`` with the id in ``license_name`` when the Hub lacks it).
+        model_repo_id: The model trained on it.
+        roles: ``{role: path in the dataset repo}`` of each shipped JSONL file.
+    """
+    hub_license = HF_LICENSE_IDS.get(license_id)
+    configs = [
+        {
+            "config_name": role,
+            "data_files": [
+                {"split": "test" if role.startswith(EVAL_ROLE_PREFIX) else "train", "path": path}
+            ],
+        }
+        for role, path in sorted(roles.items())
+    ]
+    data = DatasetCardData(
+        license=hub_license or "other",
+        license_name=None if hub_license else license_id.lower(),
+        pretty_name=name,
+        language=["en"],
+        configs=configs,
+        tags=["openrelease", "croissant"],
+    )
+    rows = [f"| `{role}` | `{path}` | {ROLE_DESCRIPTIONS.get(role, '')} |" for role, path in sorted(roles.items())]
+    first = sorted(roles)[0] if roles else "sft"
+    body = "\n".join(
+        [
+            f"# {name}",
+            "",
+            description,
+            "",
+            f"The data of [{model_repo_id}](https://huggingface.co/{model_repo_id}); "
+            "`croissant.json` beside this card describes every file (Croissant 1.0) with its "
+            "sha256, and `data/manifest.json` is the data stage's record.",
+            "",
+            "## Configs",
+            "",
+            "| config | file | what |",
+            "| --- | --- | --- |",
+            *rows,
+            "",
+            "```python",
+            "from datasets import load_dataset",
+            f'ds = load_dataset("{model_repo_id}-data", "{first}")',
+            "```",
+            "",
+        ]
+    )
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def _jsonl_fields(path: Path) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import GitRefs, RepoFile
 from huggingface_hub.utils.tqdm import (
@@ -30,14 +30,34 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from openrelease import __version__
 from openrelease.audit.report import audit_folder
-from openrelease.digest import PREFIX, bare_hex, sha256_bytes, sha256_file
+from openrelease.digest import PREFIX, bare_hex, sha256_bytes, sha256_file, sha256_tree
 from openrelease.errors import PublishError
-from openrelease.layout import BUNDLE_CHECKPOINT_FILE, BUNDLE_MANIFEST, CHECKPOINT_META, Bundle
-from openrelease.manifest import BundleManifest, CheckpointMeta, read_model
-from openrelease.secrets import find_secret, refusal_patterns
+from openrelease.layout import (
+    ALLOWED_SECRETS,
+    BUNDLE_CHECKPOINT_FILE,
+    BUNDLE_MANIFEST,
+    CHECKPOINT_META,
+    DATASET_CARD,
+    HUB_BRANCHES,
+    PUBLISH_MARKER,
+    STAGING_BRANCH,
+    Bundle,
+    dataset_repo_path,
+)
+from openrelease.manifest import (
+    AllowedSecretFinding,
+    AllowedSecrets,
+    BundleManifest,
+    CheckpointMeta,
+    FileEntry,
+    HubBranches,
+    dump_json,
+    read_model,
+)
+from openrelease.secrets import ALLOWABLE, AllowRules, scan_files
 from openrelease.verify.bundle import load_bundle_manifest, verify_bundle
-from openrelease.verify.hub import HUB_ERRORS, describe_hub_error
-from openrelease.verify.untrusted import unsafe_path_reason
+from openrelease.verify.hub import HUB_ERRORS, checkpoint_branch, describe_hub_error
+from openrelease.verify.untrusted import read_capped, unsafe_path_reason
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +65,13 @@ ProgressFn = Callable[[int, int], None]
 """Called with (bytes uploaded so far, total bytes to upload) after each file."""
 
 RepoType = Literal["model", "dataset"]
-_SCAN_CHUNK, _SCAN_OVERLAP, _MAX_HEADER = 1 << 20, 4096, 100 << 20
+MAX_RETARGET_BYTES = 64 << 20
+MARKER_TEXT = (
+    "# Publishing in progress\n\n"
+    "openrelease is publishing this release: until this file is gone, `main` may lack files "
+    "of it (every checkpoint branch that exists is complete). If it stays, the publish was "
+    "interrupted; rerun `openrelease publish` to finish.\n"
+).encode()
 _HINTS = {
     403: "the token cannot write to this namespace; use a token with write access",
     404: "the repo or revision does not exist or is not visible with this token",
@@ -96,12 +122,21 @@ class PublishReport(BaseModel):
     """``repo@revision:path`` present on the Hub with another sha256 or size."""
     extra: list[str]
     """``repo@revision:path`` on the Hub but not in the release (left alone)."""
+    allowed_secrets: list[AllowedSecretFinding] = []
+    """Secret-like matches published on purpose (pragma-marked lines, allowed_secrets rules)."""
+    built_for: str | None = None
+    """The repo the bundle's documents were built for (mof.yaml), when they name one."""
+    retargeted: list[str] = []
+    """Bundle files re-rendered for ``repo_id`` (and MANIFEST.json, re-sealed) on the Hub."""
+    incomplete: bool = False
+    """``main`` holds PUBLISHING_IN_PROGRESS.md: an earlier publish was interrupted (dry run),
+    or this one did not finish."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def ok(self) -> bool:
         """True when the Hub holds every planned file with the manifest's sha256."""
-        return not self.missing and not self.mismatched
+        return not self.missing and not self.mismatched and not self.incomplete
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -140,33 +175,51 @@ class _Target:
 # --------------------------------------------------------------------------- checks
 
 
-def check_no_secrets(bundle_dir: Path, paths: list[str]) -> None:
-    """Refuse a bundle holding secret-like content.
+def check_no_secrets(
+    bundle_dir: Path, paths: list[str], rules: AllowRules = ()
+) -> list[AllowedSecretFinding]:
+    """Refuse a bundle holding secret-like content that nothing marks as allowed.
 
     That is: HF, GitHub and AWS keys, private keys, and the value of any secret-named
     environment variable (``HF_TOKEN``, ``MY_API_KEY``, ...). Safetensors files are scanned in
-    their JSON header only (tensor bytes cannot hold text metadata); other files whole.
+    their JSON header only (tensor bytes cannot hold text metadata); other files whole. A
+    match of a known shape is allowed where its line (or the line before) carries
+    detect-secrets' ``pragma: allowlist secret`` or a ``release.allowed_secrets`` rule covers
+    its file; an environment variable's value never is.
+
+    Returns:
+        Every allowed match, for the publish plan.
 
     Raises:
-        PublishError: Naming the first file with secret-like content (never the secret).
+        PublishError: Naming the first file and line with a refused match (never the secret).
     """
-    patterns = refusal_patterns()
-    for rel in paths:
-        path = bundle_dir / rel
-        with path.open("rb") as f:
-            if rel.endswith(".safetensors"):
-                header_size = min(int.from_bytes(f.read(8), "little"), _MAX_HEADER)
-                chunks: Iterator[bytes] = iter([f.read(header_size)])
-            else:
-                chunks = iter(lambda: f.read(_SCAN_CHUNK), b"")
-            tail = b""
-            for chunk in chunks:
-                window, tail = tail + chunk, (tail + chunk)[-_SCAN_OVERLAP:]
-                if (what := find_secret(window, patterns)) is not None:
-                    raise PublishError(
-                        f"{rel} contains what looks like {what}; remove it, rebuild the "
-                        "bundle and revoke the secret if it was real."
-                    )
+    findings = scan_files(bundle_dir, paths, rules)
+    if refused := [f for f in findings if f.allowed_by is None]:
+        first, more = refused[0], f"; {len(refused) - 1} more" if len(refused) > 1 else ""
+        fixture = (
+            "; if it is a test fixture, mark the line `# pragma: allowlist secret` or list "
+            "the file in release.allowed_secrets with a reason"
+            if first.what in ALLOWABLE
+            else ""
+        )
+        raise PublishError(
+            f"{first.path} contains what looks like {first.what}; remove it (line "
+            f"{first.line}{more}), rebuild the bundle and revoke the secret if it was real"
+            f"{fixture}."
+        )
+    return [
+        AllowedSecretFinding(path=f.path, line=f.line, what=f.what, allowed_by=f.allowed_by or "")
+        for f in findings
+    ]
+
+
+def allowed_secret_rules(bundle_dir: Path) -> list[tuple[str, str]]:
+    """The ``release.allowed_secrets`` rules the bundle recorded (``allowed_secrets.json``)."""
+    path = bundle_dir / ALLOWED_SECRETS
+    if not path.is_file():
+        return []
+    record = read_model(path, AllowedSecrets)
+    return [(r.path, r.reason) for r in record.rules]
 
 
 def _verified_manifest(
@@ -231,20 +284,31 @@ def _add(target: _Target, item: _Item, source: str) -> None:
     target.items[item.path_in_repo] = item
 
 
-def plan_targets(bundle_dir: Path, manifest: BundleManifest, *, repo_id: str) -> list[_Target]:
+def plan_targets(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    *,
+    repo_id: str,
+    rewritten: dict[str, bytes] | None = None,
+) -> list[_Target]:
     """Map every bundle file to a (repo, revision, path in repo).
 
     ``model/*`` goes to the root of ``main`` (so ``from_pretrained(repo_id)`` works), each
-    ``checkpoints/<stage>/step-<N>/*`` to the root of branch ``<stage>-step<N>`` with a generated
-    card, ``data/`` to the dataset repo ``<repo_id>-data``, everything else to ``main`` as is.
+    ``checkpoints/<stage>/step-<N>/*`` to the root of its branch (branches.json, else
+    ``<stage>-step<N>``) with a generated card, ``data/`` to the dataset repo
+    ``<repo_id>-data`` (its card and Croissant at the root), everything else to ``main`` as is.
+    ``rewritten`` replaces the content of bundle files (see `retarget`).
 
     Raises:
         PublishError: Two files map to one place, or a checkpoint has no meta.json.
     """
+    rewritten = rewritten or {}
     main = _Target(repo_id, "model", "main")
     data = _Target(f"{repo_id}-data", "dataset", "main")
     branches: dict[str, _Target] = {}
+    order: dict[str, tuple[int, str, int]] = {}
     metas: dict[str, Path] = {}
+    names = recorded_branches(bundle_dir)
     files = [(e.path, e.size, e.sha256) for e in manifest.files]
     bundle = Bundle(bundle_dir)
     signatures = sorted(p for p in bundle.signatures.rglob("*") if p.is_file())
@@ -252,17 +316,25 @@ def plan_targets(bundle_dir: Path, manifest: BundleManifest, *, repo_id: str) ->
     files.append((BUNDLE_MANIFEST, bundle.manifest.stat().st_size, ""))
     for rel, size, sha256 in files:
         local = bundle_dir / rel
-        item = _Item(rel, size, sha256 or sha256_file(local), local)
+        if rel in rewritten:
+            content = rewritten[rel]
+            item = _Item(rel, len(content), sha256_bytes(content), None, content)
+        else:
+            item = _Item(rel, size, sha256 or sha256_file(local), local)
         if match := BUNDLE_CHECKPOINT_FILE.fullmatch(rel):
-            name = f"{match['stage']}-step{int(match['step'])}"
+            stage, step = match["stage"], int(match["step"])
+            name = checkpoint_branch(stage, step, names)
             target = branches.setdefault(name, _Target(repo_id, "model", name))
+            order[name] = (_STAGE_ORDER.get(stage, len(_STAGE_ORDER)), stage, step)
             _add(target, replace(item, path_in_repo=match["rest"]), rel)
             if match["rest"] == CHECKPOINT_META:
                 metas[name] = local
         elif rel.startswith("model/"):
             _add(main, replace(item, path_in_repo=rel.removeprefix("model/")), rel)
+        elif rel.startswith("data/"):
+            _add(data, replace(item, path_in_repo=dataset_repo_path(rel)), rel)
         else:
-            _add(data if rel.startswith("data/") else main, item, rel)
+            _add(main, item, rel)
     license_id = _front_matter_license(bundle_dir / "README.md")
     for name, target in branches.items():
         if name not in metas:
@@ -272,14 +344,78 @@ def plan_targets(bundle_dir: Path, manifest: BundleManifest, *, repo_id: str) ->
         content = card.encode()
         readme = _Item("README.md", len(content), sha256_bytes(content), None, content)
         target.items.setdefault("README.md", readme)
-    ordered = [branches[k] for k in sorted(branches, key=_branch_key)]
+    ordered = [branches[k] for k in sorted(branches, key=order.__getitem__)]
     return [*ordered, main, *([data] if data.items else [])]
 
 
-def _branch_key(name: str) -> tuple[int, str, int]:
-    stage, _, step = name.rpartition("-step")
-    order = ("pretrain", "sft", "distill", "grpo")
-    return (order.index(stage) if stage in order else len(order), stage, int(step))
+_STAGE_ORDER = {"pretrain": 0, "sft": 1, "distill": 2, "grpo": 3}
+
+
+def recorded_branches(bundle_dir: Path) -> dict[str, str]:
+    """``checkpoints/<stage>/step-N`` -> branch, from the bundle's branches.json (or empty)."""
+    path = bundle_dir / HUB_BRANCHES
+    return read_model(path, HubBranches).branches if path.is_file() else {}
+
+
+RETARGETED = ("README.md", "mof.yaml", DATASET_CARD, "data/croissant.json", "sbom/bom.cdx.json")
+"""The documents that name the release's Hub repos; `retarget` rewrites them."""
+
+
+def bundle_repo_id(bundle_dir: Path) -> str | None:
+    """The model repo the bundle's documents name (mof.yaml's ``release.huggingface``)."""
+    path = bundle_dir / "mof.yaml"
+    if not path.is_file():
+        return None
+    doc = yaml.safe_load(read_capped(path, max_bytes=MAX_RETARGET_BYTES))
+    release = doc.get("release") if isinstance(doc, dict) else None
+    url = release.get("huggingface") if isinstance(release, dict) else None
+    match = re.fullmatch(r"https://huggingface\.co/([\w.-]+/[\w.-]+?)/?", str(url or ""))
+    return match[1] if match else None
+
+
+def retarget(
+    bundle_dir: Path, manifest: BundleManifest, *, repo_id: str
+) -> tuple[BundleManifest, dict[str, bytes]]:
+    """The bundle's documents re-rendered for ``repo_id``, and its manifest re-sealed.
+
+    The card, mof.yaml, the dataset card, Croissant and the BOM name the repos they were
+    built for (``release.organization/name``); publishing elsewhere rewrites every mention
+    of that repo (and of its ``-data`` repo) to ``repo_id``, and MANIFEST.json gets their new
+    sha256 and a new bundle digest. The bundle folder itself is not changed.
+
+    Returns:
+        The manifest to publish and ``{bundle path: new bytes}`` (empty: nothing to change).
+
+    Raises:
+        PublishError: The bundle is signed (a rewrite would break its signatures).
+    """
+    old = bundle_repo_id(bundle_dir)
+    if old is None or old == repo_id:
+        return manifest, {}
+    mention = re.compile(rf"(?<![\w.-]){re.escape(old)}(?=-data\b|\.(?!\w)|(?![\w.-]))")
+    changed: dict[str, bytes] = {}
+    for entry in manifest.files:
+        if entry.path in RETARGETED:
+            text = read_capped(bundle_dir / entry.path, max_bytes=MAX_RETARGET_BYTES).decode()
+            if (new := mention.sub(repo_id, text)) != text:
+                changed[entry.path] = new.encode()
+    if not changed:
+        return manifest, {}
+    if any(p.is_file() for p in Bundle(bundle_dir).signatures.rglob("*")):
+        raise PublishError(
+            f"{bundle_dir} names {old} and is signed; publish it with --repo-id {old}, or set "
+            f"release.organization/name for {repo_id}, rebuild, sign and publish again."
+        )
+    files = tuple(
+        FileEntry(path=e.path, size=len(changed[e.path]), sha256=sha256_bytes(changed[e.path]))
+        if e.path in changed
+        else e
+        for e in manifest.files
+    )
+    digest = sha256_tree({e.path: e.sha256 for e in files})
+    sealed = manifest.model_copy(update={"files": files, "bundle_digest": digest})
+    changed[BUNDLE_MANIFEST] = dump_json(sealed.model_dump(mode="json")).encode()
+    return sealed, changed
 
 
 # --------------------------------------------------------------------------- Hub calls
@@ -341,9 +477,7 @@ def _matches(item: _Item, remote: RepoFile | None) -> bool:
     return bool(remote.blob_id == item.git_oid())
 
 
-def _upload(api: HfApi, target: _Target, items: list[_Item], tick: Callable[[int], None]) -> None:
-    """Send each file's LFS bytes on its own (resumable by sha256), then commit them at once."""
-    head = api.repo_info(target.repo_id, repo_type=target.repo_type, revision=target.revision).sha
+def _ops(items: list[_Item]) -> list[CommitOperationAdd]:
     ops = []
     for item in items:
         op = CommitOperationAdd(item.path_in_repo, item.local or item.content)
@@ -352,19 +486,47 @@ def _upload(api: HfApi, target: _Target, items: list[_Item], tick: Callable[[int
                 f"{item.local} changed after verification (its sha256 differs from "
                 "MANIFEST.json); rebuild the bundle and publish again."
             )
-        api.preupload_lfs_files(
-            target.repo_id, additions=[op], repo_type=target.repo_type, revision=target.revision
-        )
         ops.append(op)
+    return ops
+
+
+def _preupload(
+    api: HfApi, target: _Target, items: list[_Item], tick: Callable[[int], None]
+) -> None:
+    """Send each file's LFS bytes on its own (resumable by sha256) before any commit names it.
+
+    The objects go to the repo (LFS storage is per repo, not per branch); asked against
+    ``main``, which always exists. These operations are thrown away: a commit builds its own,
+    so the Hub compares them with the branch they go to.
+    """
+    for item, op in zip(items, _ops(items), strict=True):
+        api.preupload_lfs_files(
+            target.repo_id, additions=[op], repo_type=target.repo_type, revision="main"
+        )
         tick(item.size)
-    api.create_commit(
+
+
+def _commit(
+    api: HfApi,
+    target: _Target,
+    items: list[_Item],
+    *,
+    revision: str,
+    deletions: tuple[str, ...] = (),
+) -> str:
+    """Commit ``items`` (their LFS objects already stored) to ``revision``; returns the commit."""
+    head = api.repo_info(target.repo_id, repo_type=target.repo_type, revision=revision).sha
+    ops: list[CommitOperationAdd | CommitOperationDelete] = [*_ops(items)]
+    ops += [CommitOperationDelete(path) for path in deletions]
+    info = api.create_commit(
         target.repo_id,
         operations=ops,
-        commit_message=f"openrelease: publish {len(ops)} file(s) to {target.revision}",
+        commit_message=f"openrelease: publish {len(items)} file(s) to {target.revision}",
         repo_type=target.repo_type,
-        revision=target.revision,
+        revision=revision,
         parent_commit=head,
     )
+    return str(info.oid)
 
 
 @dataclass
@@ -407,28 +569,43 @@ def _check_tag(remote: _Remote, targets: list[_Target], tag: str) -> None:
             )
 
 
-def _create_refs(api: HfApi, targets: list[_Target], remote: _Remote, *, private: bool) -> None:
-    """Create missing repos (the Hub gives each a ``main``) and checkpoint branches."""
-    created: set[str] = set()
-    roots: dict[str, str] = {}
-    for t in targets:
-        if remote.refs[t.repo_id] is None and t.repo_id not in created:
-            api.create_repo(t.repo_id, repo_type=t.repo_type, private=private, exist_ok=True)
-            created.add(t.repo_id)
-        if t.revision != "main" and t.revision not in _names(remote.refs[t.repo_id]):
-            # Branch off the repo's first commit so a checkpoint branch holds only itself.
-            if t.repo_id not in roots:
-                history = api.list_repo_commits(t.repo_id, repo_type=t.repo_type)
-                roots[t.repo_id] = history[-1].commit_id
-            api.create_branch(
-                t.repo_id, branch=t.revision, revision=roots[t.repo_id], repo_type=t.repo_type
-            )
+def _create_repos(api: HfApi, targets: list[_Target], remote: _Remote, *, private: bool) -> None:
+    """Create the missing repos (the Hub gives each a ``main`` holding only .gitattributes)."""
+    for repo_id, repo_type in {t.repo_id: t.repo_type for t in targets}.items():
+        if remote.refs[repo_id] is None:
+            api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+
+
+def _delete_staging(api: HfApi, repo_id: str) -> None:
+    try:
+        api.delete_branch(repo_id, branch=STAGING_BRANCH)
+    except RevisionNotFoundError:
+        pass  # none left by an interrupted publish
+
+
+def _new_branch(api: HfApi, target: _Target, items: list[_Item], root: str) -> None:
+    """Commit a checkpoint on the staging branch, then create its branch at that commit.
+
+    The Hub cannot commit to a branch that does not exist, and a branch created first would
+    point at a commit without the weights; so the branch appears holding all of them at once.
+    The staging branch starts at the repo's first commit, so a checkpoint holds only itself.
+    """
+    _delete_staging(api, target.repo_id)
+    api.create_branch(target.repo_id, branch=STAGING_BRANCH, revision=root)
+    commit = _commit(api, target, items, revision=STAGING_BRANCH)
+    api.create_branch(target.repo_id, branch=target.revision, revision=commit)
 
 
 def _push(
     api: HfApi, targets: list[_Target], remote: _Remote, *, tag: str, progress: ProgressFn | None
 ) -> None:
-    """Upload what each target lacks, reporting bytes, then tag each repo's main."""
+    """Publish what each target lacks without ever showing half a release.
+
+    1. ``main`` gets PUBLISHING_IN_PROGRESS.md (when main will change); 2. every LFS object
+    is uploaded; 3. each checkpoint branch gets one commit holding all its files (a new one
+    is created at that commit); 4. the dataset repo's and then the model repo's ``main`` get
+    one commit each, the last one removing the marker; 5. each repo's main is tagged.
+    """
     todo = {t.where: remote.todo(t) for t in targets}
     total, done = sum(i.size for items in todo.values() for i in items), 0
 
@@ -439,10 +616,36 @@ def _push(
             progress(done, total)
 
     tick(0)
+    main = next(t for t in targets if t.repo_type == "model" and t.revision == "main")
+    marked = PUBLISH_MARKER in remote.files[main.where]
+    if todo[main.where] and not marked:
+        marker = _Item(PUBLISH_MARKER, len(MARKER_TEXT), sha256_bytes(MARKER_TEXT), None, MARKER_TEXT)
+        _commit(api, main, [marker], revision="main")
+        marked = True
     for target in targets:
-        if items := todo[target.where]:
-            logger.info("uploading %d file(s) to %s", len(items), target.where)
-            _upload(api, target, items, tick)
+        _preupload(api, target, todo[target.where], tick)
+    roots: dict[str, str] = {}
+    staged = False
+    for target in (t for t in targets if t.revision != "main"):
+        if not (items := todo[target.where]):
+            continue
+        logger.info("committing %d file(s) to %s", len(items), target.where)
+        if target.revision in _names(remote.refs[target.repo_id]):
+            _commit(api, target, items, revision=target.revision)
+            continue
+        if target.repo_id not in roots:
+            history = api.list_repo_commits(target.repo_id, repo_type=target.repo_type)
+            roots[target.repo_id] = history[-1].commit_id
+        _new_branch(api, target, items, roots[target.repo_id])
+        staged = True
+    if staged:
+        _delete_staging(api, main.repo_id)
+    for target in sorted((t for t in targets if t.revision == "main"), key=lambda t: t is main):
+        items = todo[target.where]
+        deletions = (PUBLISH_MARKER,) if target is main and marked else ()
+        if items or deletions:
+            logger.info("committing %d file(s) to %s", len(items), target.where)
+            _commit(api, target, items, revision="main", deletions=deletions)
     for target in (t for t in targets if t.revision == "main"):
         if remote.ref(target.repo_id, tag, tag=True) is None:
             api.create_tag(target.repo_id, tag=tag, revision="main", repo_type=target.repo_type)
@@ -459,7 +662,11 @@ def _report(
                 missing.append(f"{t.where}:{path}")
             elif not _matches(item, remote[path]):
                 mismatched.append(f"{t.where}:{path}")
-        extra += [f"{t.where}:{p}" for p in remote if p not in t.items and p != ".gitattributes"]
+        extra += [
+            f"{t.where}:{p}"
+            for p in remote
+            if p not in t.items and p not in (".gitattributes", PUBLISH_MARKER)
+        ]
         reports.append(
             TargetReport(
                 repo_id=t.repo_id,
@@ -472,8 +679,17 @@ def _report(
                 created=t.revision not in _names(before.refs[t.repo_id]),
             )
         )
+    main = next(t for t in targets if t.repo_type == "model" and t.revision == "main")
+    incomplete = PUBLISH_MARKER in after.files[main.where]
     return PublishReport.model_validate(
-        {**fields, "targets": reports, "missing": missing, "mismatched": mismatched, "extra": extra}
+        {
+            **fields,
+            "targets": reports,
+            "missing": missing,
+            "mismatched": mismatched,
+            "extra": extra,
+            "incomplete": incomplete,
+        }
     )
 
 
@@ -537,9 +753,14 @@ def plan_publish(
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise PublishError(f"repo id {repo_id!r} is not ORG/NAME; pass --repo-id ORG/NAME.")
     manifest = _verified_manifest(bundle_dir, verify, require_class)
-    targets = plan_targets(bundle_dir, manifest, repo_id=repo_id)
+    manifest, rewritten = retarget(bundle_dir, manifest, repo_id=repo_id)
+    targets = plan_targets(bundle_dir, manifest, repo_id=repo_id, rewritten=rewritten)
     locals_ = [i.local for t in targets for i in t.items.values() if i.local is not None]
-    check_no_secrets(bundle_dir, [p.relative_to(bundle_dir).as_posix() for p in locals_])
+    allowed = check_no_secrets(
+        bundle_dir,
+        [p.relative_to(bundle_dir).as_posix() for p in locals_],
+        allowed_secret_rules(bundle_dir),
+    )
     token = token or get_token()
     if require_token:
         _require_token(token)
@@ -550,7 +771,13 @@ def plan_publish(
     with _hub_errors("reading the remote repos", token=token):
         before = _Remote.read(api, targets)
     _check_tag(before, targets, tag)
-    report = _report(targets, before, before, **_report_fields(api, targets, repo_id, tag))
+    fields = {
+        **_report_fields(api, targets, repo_id, tag),
+        "allowed_secrets": allowed,
+        "retargeted": sorted(rewritten),
+        "built_for": bundle_repo_id(bundle_dir),
+    }
+    report = _report(targets, before, before, **fields)
     return PublishPlan(report, repo_id, tag, token, api, targets, before)
 
 
@@ -574,10 +801,16 @@ def execute_publish(
     _require_token(plan.token)
     api, targets, before = plan.api, plan.targets, plan.remote
     with _hub_errors(f"publishing to {plan.repo_id}", token=plan.token), _quiet_hub_progress():
-        _create_refs(api, targets, before, private=private)
+        _create_repos(api, targets, before, private=private)
         _push(api, targets, before, tag=plan.tag, progress=progress)
         after = _Remote.read(api, targets)
-    fields = {**_report_fields(api, targets, plan.repo_id, plan.tag), "dry_run": False}
+    fields = {
+        **_report_fields(api, targets, plan.repo_id, plan.tag),
+        "dry_run": False,
+        "allowed_secrets": plan.report.allowed_secrets,
+        "retargeted": plan.report.retargeted,
+        "built_for": plan.report.built_for,
+    }
     return _report(targets, before, after, **fields)
 
 

@@ -22,7 +22,7 @@ from openrelease.digest import bare_hex, sha256_json
 from openrelease.errors import ProvenanceError
 from openrelease.manifest import StageRecord
 from openrelease.record.journal import journal_dir
-from openrelease.record.tracking import pip_freeze
+from openrelease.record.runinfo import pip_freeze
 
 SPEC_VERSION = "1.6"
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([^\s;]+)|@\s*(\S+))")

@@ -541,7 +541,7 @@ def verify_bundle(
         bundle_dir: The release folder (with MANIFEST.json at its root).
         progress: Optional callback ``(bytes_done, total_bytes)`` while hashing.
         num_threads: Hashing threads; defaults to the number of CPUs.
-        trusted_keys: Ed25519 public keys; when given, a valid signature by one is required.
+        trusted_keys: Public keys (EC or Ed25519); when given, a valid signature by one is required.
 
     Returns:
         A report listing missing, extra and changed files and every problem found.
@@ -584,6 +584,14 @@ def _check_signatures(
     for c in checks:
         if not c.valid:
             report.add("signature", c.path, c.problem or "invalid signature")
+        elif c.key_id is None:  # a model-signing signature, with no key given to check it
+            report.add(
+                "signature_unchecked",
+                c.path,
+                "is a model-signing signature; pass --trusted-key (the signer's public key) "
+                "to check it.",
+                severity="warning",
+            )
         elif c.key_id is not None:
             report.signed_by.append(c.key_id)
             if not trusted_keys:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,21 @@ from openrelease.layout import (
     BUNDLE_CHECKPOINT_FILE,
     BUNDLE_MANIFEST,
     CHECKPOINT_META,
+    HUB_BRANCH,
+    HUB_BRANCHES,
+    LEGACY_BRANCH,
+    PUBLISH_MARKER,
+    branch_tokens,
     bundle_checkpoint_rel,
+    dataset_repo_path,
 )
-from openrelease.manifest import BundleManifest, CheckpointMeta, validate_model
+from openrelease.manifest import BundleManifest, CheckpointMeta, HubBranches, validate_model
 from openrelease.verify.bundle import (
     MAX_MANIFEST_BYTES,
+    WEIGHT_SUFFIXES,
     CheckpointView,
     Observed,
+    Problem,
     VerifyReport,
     check_lineage,
 )
@@ -45,8 +54,8 @@ from openrelease.verify.untrusted import (
 
 MAX_META_BYTES = 16 << 20
 BRANCH = re.compile(r"(?P<stage>[a-z0-9_]+)-step(?P<step>\d+)")
-"""Checkpoint branches are named ``<stage>-step<N>`` (the Pythia/OLMo convention)."""
-_NOT_RECORDED = frozenset({".gitattributes", BUNDLE_MANIFEST})
+"""Checkpoint branches of bundles without branches.json: ``<stage>-step<N>``."""
+_NOT_RECORDED = frozenset({".gitattributes", BUNDLE_MANIFEST, PUBLISH_MARKER})
 DATA = "data"
 """Listing key of the dataset repo ``<repo_id>-data``."""
 
@@ -86,18 +95,28 @@ def describe_hub_error(exc: BaseException) -> tuple[str, str]:
     return f"{type(exc).__name__}: {what}", "check the repo id, revision and endpoint"
 
 
-def hub_locations(path: str, *, main: str) -> list[Location]:
+def checkpoint_branch(stage: str, step: int, branches: Mapping[str, str] | None = None) -> str:
+    """The branch of checkpoint (stage, step): from branches.json, else ``<stage>-step<N>``."""
+    recorded = (branches or {}).get(bundle_checkpoint_rel(stage, step))
+    return recorded or LEGACY_BRANCH.format(stage=stage, step=step)
+
+
+def hub_locations(
+    path: str, *, main: str, branches: Mapping[str, str] | None = None
+) -> list[Location]:
     """Where `publish_bundle` puts a bundle file, then the plain bundle path on ``main``.
 
-    ``model/X`` -> ``X`` on main; ``checkpoints/<stage>/step-<N>/X`` -> ``X`` on branch
-    ``<stage>-step<N>``; ``data/...`` -> the dataset repo ``<repo_id>-data``; else as is.
+    ``model/X`` -> ``X`` on main; ``checkpoints/<stage>/step-<N>/X`` -> ``X`` on the
+    checkpoint's branch (`checkpoint_branch`); ``data/...`` -> the dataset repo
+    ``<repo_id>-data`` (its card and Croissant at the root); else as is.
     """
     if match := BUNDLE_CHECKPOINT_FILE.fullmatch(path):
-        return [(f"{match['stage']}-step{int(match['step'])}", match["rest"]), (main, path)]
+        branch = checkpoint_branch(match["stage"], int(match["step"]), branches)
+        return [(branch, match["rest"]), (main, path)]
     if path.startswith("model/"):
         return [(main, path.removeprefix("model/")), (main, path)]
     if path.startswith("data/"):
-        return [(DATA, path), (main, path)]
+        return [(DATA, dataset_repo_path(path)), (main, path)]
     return [(main, path)]
 
 
@@ -133,15 +152,71 @@ class _Hub:
         return record, sha256_bytes(data)
 
 
+def branch_problems(listings: Mapping[str, Observed]) -> list[Problem]:
+    """What a checkpoint branch layout gets wrong, from file listings alone (no downloads).
+
+    ``listings`` maps each checkpoint branch (a `HUB_BRANCH` name: ``step1000``,
+    ``stage1-step1000-tokens5B``, ...) to its files with LFS sha256s. Flags branches serving
+    weights byte-identical to another branch's (Pythia's and OLMo's mislabelled steps), and
+    names whose token count goes down while the step goes up within a stage.
+    """
+    problems: list[Problem] = []
+    parsed = {n: m for n in listings if (m := HUB_BRANCH.fullmatch(n)) is not None}
+    by_stage: dict[str, list[tuple[int, float | None, str]]] = {}
+    for name, match in parsed.items():
+        by_stage.setdefault(match["stage"] or "", []).append(
+            (int(match["step"]), branch_tokens(match), name)
+        )
+    seen: dict[tuple[tuple[str, str], ...], str] = {}
+    for stage in sorted(by_stage):
+        runs = sorted(by_stage[stage])
+        for (step, tokens, name), (p_step, p_tokens, p_name) in zip(runs[1:], runs, strict=False):
+            if tokens is not None and p_tokens is not None and tokens < p_tokens and step > p_step:
+                problems.append(
+                    Problem(
+                        code="names_backwards",
+                        path=name,
+                        message=f"names fewer tokens than {p_name} at an earlier step; one of "
+                        "the two names is wrong.",
+                    )
+                )
+        for _, _, name in runs:
+            weights = tuple(
+                sorted(
+                    (p, d)
+                    for p, (_, d) in listings[name].items()
+                    if p.endswith(WEIGHT_SUFFIXES) and d is not None
+                )
+            )
+            if not weights:
+                continue
+            if weights in seen:
+                problems.append(
+                    Problem(
+                        code="duplicate_weights",
+                        path=name,
+                        message=f"serves weights byte-identical to {seen[weights]} (same LFS "
+                        "sha256); one step is mislabelled.",
+                    )
+                )
+            seen.setdefault(weights, name)
+    return problems
+
+
 def _compare_files(
-    manifest: BundleManifest, listings: dict[str, Observed], *, main: str, report: VerifyReport
+    manifest: BundleManifest,
+    listings: dict[str, Observed],
+    *,
+    main: str,
+    branches: Mapping[str, str],
+    report: VerifyReport,
 ) -> None:
     claimed: set[Location] = set()
     for entry in manifest.files:
         if reason := unsafe_path_reason(entry.path):
             report.add("unsafe_path", entry.path[:200], f"MANIFEST.json path {reason}.")
             continue
-        places = hub_locations(entry.path, main=main)
+        places = hub_locations(entry.path, main=main, branches=branches)
         where = next((p for p in places if p[1] in listings.get(p[0], {})), None)
         if where is None:
             report.missing.append(entry.path)
@@ -214,12 +289,18 @@ def _checkpoints(
     listings: dict[str, Observed],
     *,
     main: str,
+    branches: Mapping[str, str],
     report: VerifyReport,
 ) -> list[CheckpointView]:
-    """Every checkpoint: one per ``<stage>-step<N>`` branch, plus any kept only on main."""
+    """Every checkpoint: one per checkpoint branch, plus any kept only on main."""
     where: dict[tuple[str, int], str] = {}
+    recorded = {b: BUNDLE_CHECKPOINT_FILE.fullmatch(f"{d}/x") for d, b in branches.items()}
     for name in listings:
-        if name not in (main, DATA) and (match := BRANCH.fullmatch(name)):
+        if name in (main, DATA):
+            continue
+        if (found := recorded.get(name)) is not None:
+            where[(found["stage"], int(found["step"]))] = name
+        elif not branches and (match := BRANCH.fullmatch(name)):
             where[(match["stage"], int(match["step"]))] = name
     for path in listings[main]:
         if (found := BUNDLE_CHECKPOINT_FILE.fullmatch(path)) and found["rest"] == CHECKPOINT_META:
@@ -234,7 +315,7 @@ def _checkpoints(
 def _read_listings(hub: _Hub, main: str) -> dict[str, Observed]:
     listings = {main: hub.listing(main)}
     for branch in hub.api.list_repo_refs(hub.repo_id).branches:
-        if BRANCH.fullmatch(branch.name) and branch.name != main:
+        if HUB_BRANCH.fullmatch(branch.name) and branch.name != main:
             listings[branch.name] = hub.listing(branch.name)
     try:
         listings[DATA] = hub.listing(main, repo_type="dataset")
@@ -293,10 +374,28 @@ def verify_hub(
             hub = _Hub(HfApi(endpoint=endpoint, token=token), repo_id, Path(tmp))
             probe_endpoint(hub.api, repo_id)
             listings = _read_listings(hub, main)
+            checkpoints = {k: v for k, v in listings.items() if k not in (main, DATA)}
             if BUNDLE_MANIFEST not in listings[main]:
-                raise ArtifactError(
-                    f"hf:{repo_id}@{main} has no {BUNDLE_MANIFEST}; publish a bundle."
+                if PUBLISH_MARKER in listings[main]:
+                    raise ArtifactError(
+                        f"hf:{repo_id}@{main} is incomplete: a publish was interrupted "
+                        f"({PUBLISH_MARKER}); rerun `openrelease publish` to finish it."
+                    )
+                if not checkpoints:
+                    raise ArtifactError(
+                        f"hf:{repo_id}@{main} has no {BUNDLE_MANIFEST} and no checkpoint "
+                        "branches; there is nothing to verify."
+                    )
+                # Someone else's release: its checkpoint branches, from listings alone.
+                report.add(
+                    "no_manifest",
+                    f"{main}:{BUNDLE_MANIFEST}",
+                    "is absent: files are not checked against a manifest, only the "
+                    f"{len(checkpoints)} checkpoint branches against each other.",
+                    severity="warning",
                 )
+                report.problems.extend(branch_problems(checkpoints))
+                return report
             manifest, _ = hub.record(
                 BUNDLE_MANIFEST,
                 BundleManifest,
@@ -304,10 +403,28 @@ def verify_hub(
                 size=listings[main][BUNDLE_MANIFEST][0],
                 max_bytes=MAX_MANIFEST_BYTES,
             )
-            views = _checkpoints(hub, listings, main=main, report=report)
+            branches: dict[str, str] = {}
+            if HUB_BRANCHES in listings[main]:
+                recorded, _ = hub.record(
+                    HUB_BRANCHES,
+                    HubBranches,
+                    revision=main,
+                    size=listings[main][HUB_BRANCHES][0],
+                    max_bytes=MAX_META_BYTES,
+                )
+                branches = recorded.branches
+            views = _checkpoints(hub, listings, main=main, branches=branches, report=report)
     except HUB_ERRORS as exc:
         what, hint = describe_hub_error(exc)
         raise ArtifactError(f"hf:{repo_id}@{main} cannot be read ({what}); {hint}.") from None
-    _compare_files(manifest, listings, main=main, report=report)
-    check_lineage(views, report)
+    if PUBLISH_MARKER in listings[main]:
+        report.add(
+            "incomplete_release",
+            f"{main}:{PUBLISH_MARKER}",
+            "a publish was interrupted: main may lack files of the release; rerun "
+            "`openrelease publish` to finish it.",
+        )
+    _compare_files(manifest, listings, main=main, branches=branches, report=report)
+    check_lineage(views, report)  # duplicate weights among the manifest's checkpoints
+    report.problems.extend(p for p in branch_problems(checkpoints) if p.code == "names_backwards")
     return report

@@ -1,8 +1,12 @@
-"""Ed25519 signatures over a bundle's MANIFEST.json: keys, signing, and checking.
+"""Release signatures: OpenSSF model-signing (key method) over the bundle, checked offline.
 
-MANIFEST.json lists the size and sha256 of every other file, so one signature over its bytes
-covers the whole release. Signatures live in ``signatures/<key id>.sig.json`` (outside the
-manifest, so signing never changes the bundle digest, and several parties can co-sign).
+`openrelease sign` writes ``signatures/model.sig``: a model-signing (OpenSSF Model Signing,
+sigstore bundle format) signature made with an EC P-256 key, over every file of the bundle
+but ``signatures/`` itself, so signing never changes MANIFEST.json or the bundle digest and
+other parties can co-sign beside it. ``model_signing verify key release --signature
+release/signatures/model.sig --public_key KEY.pub`` accepts it, and so does
+``openrelease verify --trusted-key KEY.pub``. Signatures of the earlier openrelease format
+(``signatures/<key id>.sig.json``: Ed25519 over MANIFEST.json's bytes) are still checked.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import model_signing.hashing
+import model_signing.signing
+import model_signing.verifying
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -25,7 +33,12 @@ from openrelease.layout import BUNDLE_MANIFEST, BundleManifestName, BundleSectio
 from openrelease.manifest import write_bytes_atomic, write_json
 from openrelease.verify.untrusted import read_capped
 
+if TYPE_CHECKING:
+    import model_signing.hashing
+
 SUFFIX = ".sig.json"
+MODEL_SIG = "model.sig"
+"""The model-signing signature `sign_bundle` writes in ``signatures/``."""
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_KEY_BYTES = 16 << 10
 MAX_MANIFEST_BYTES = 64 << 20
@@ -59,14 +72,21 @@ class SignatureCheck:
     problem: str | None
 
 
-def key_id(public: Ed25519PublicKey) -> str:
-    """``sha256:<hex>`` of the raw public key bytes."""
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def key_id(public: Ed25519PublicKey | ec.EllipticCurvePublicKey) -> str:
+    """``sha256:<hex>`` of the raw (Ed25519) or DER SubjectPublicKeyInfo (EC) public key."""
+    if isinstance(public, Ed25519PublicKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raw = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     return sha256_bytes(raw)
 
 
 def generate_key(private_path: Path) -> tuple[Path, str]:
-    """Write a new Ed25519 private key (PEM, mode 600) and its public key beside it (``.pub``).
+    """Write a new EC P-256 private key (PEM, mode 600) and its public key beside it (``.pub``).
+
+    P-256 is what model-signing's key method takes (it has no Ed25519).
 
     Returns:
         The public key path and the key id.
@@ -78,7 +98,7 @@ def generate_key(private_path: Path) -> tuple[Path, str]:
     for path in (private_path, pub_path):
         if path.exists() or path.is_symlink():
             raise ParamsError(f"{path} exists; choose another path (keys are not overwritten).")
-    key = Ed25519PrivateKey.generate()
+    key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -113,7 +133,7 @@ def _create_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _load_private(path: Path) -> Ed25519PrivateKey:
+def _load_private(path: Path) -> Ed25519PrivateKey | ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(
             read_capped(path, max_bytes=MAX_KEY_BYTES), password=None
@@ -123,13 +143,15 @@ def _load_private(path: Path) -> Ed25519PrivateKey:
             f"{path} is not an unencrypted PEM private key ({exc}); make one with "
             "`openrelease keygen`."
         ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ParamsError(f"{path} is not an Ed25519 key; make one with `openrelease keygen`.")
+    if not isinstance(key, Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+        raise ParamsError(
+            f"{path} is not an EC or Ed25519 key; make one with `openrelease keygen`."
+        )
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Read a PEM Ed25519 public key (the ``.pub`` file `generate_key` writes).
+def load_public_key(path: Path) -> Ed25519PublicKey | ec.EllipticCurvePublicKey:
+    """Read a PEM EC or Ed25519 public key (the ``.pub`` file `generate_key` writes).
 
     Raises:
         ParamsError: The file is not one.
@@ -138,22 +160,57 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(read_capped(path, max_bytes=MAX_KEY_BYTES))
     except ValueError as exc:
         raise ParamsError(f"{path} is not a PEM public key ({exc}).") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ParamsError(f"{path} is not an Ed25519 public key.")
+    if not isinstance(key, Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise ParamsError(f"{path} is not an EC or Ed25519 public key.")
     return key
 
 
-def sign_bundle(bundle_dir: Path, private_key: Path) -> tuple[Path, Signature]:
-    """Sign ``bundle_dir/MANIFEST.json``; writes ``signatures/<key id>.sig.json`` atomically.
+def _hashing(bundle_dir: Path) -> model_signing.hashing.Config:
+    # signatures/ is left out (and recorded as ignored in the signature): co-signers add theirs.
+    import model_signing.hashing
 
-    Sign after `openrelease verify` passed: the signature vouches for the manifest, and the
-    manifest for every file.
+    return model_signing.hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
+        paths=[Path(BundleSection.SIGNATURES)], ignore_git_paths=True
+    )
+
+
+def sign_bundle(bundle_dir: Path, private_key: Path) -> tuple[Path, str]:
+    """Sign the bundle with model-signing's key method; writes ``signatures/model.sig``.
+
+    Sign after `openrelease verify` passed. An Ed25519 key (made by earlier openrelease
+    versions) writes the earlier ``signatures/<key id>.sig.json`` instead.
+
+    Returns:
+        The signature's path and the signing key's id.
 
     Raises:
         ArtifactError: The bundle has no readable MANIFEST.json.
-        ParamsError: The key is not an unencrypted Ed25519 PEM private key.
+        ParamsError: The key is not an unencrypted EC (P-256/384/521) or Ed25519 PEM key.
     """
     key = _load_private(private_key)
+    if isinstance(key, Ed25519PrivateKey):
+        path, sig = _sign_ed25519(bundle_dir, key)
+        return path, sig.key_id
+    read_capped(bundle_dir / BUNDLE_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)  # is a bundle
+    import model_signing.signing  # ~1 s to import (sigstore); only signing needs it
+
+    folder = bundle_dir / BundleSection.SIGNATURES
+    folder.mkdir(exist_ok=True)
+    path = folder / MODEL_SIG
+    tmp = folder / f".{MODEL_SIG}.tmp-{os.getpid()}"
+    try:
+        model_signing.signing.Config().use_elliptic_key_signer(  # type: ignore[no-untyped-call]
+            private_key=private_key
+        ).set_hashing_config(_hashing(bundle_dir)).sign(bundle_dir, tmp)
+        os.replace(tmp, path)
+    except ValueError as exc:
+        raise ParamsError(f"{private_key} cannot sign: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path, key_id(key.public_key())
+
+
+def _sign_ed25519(bundle_dir: Path, key: Ed25519PrivateKey) -> tuple[Path, Signature]:
     manifest = read_capped(bundle_dir / BUNDLE_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
     public = key.public_key()
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -168,6 +225,26 @@ def sign_bundle(bundle_dir: Path, private_key: Path) -> tuple[Path, Signature]:
     )
     write_json(path, sig)
     return path, sig
+
+
+def _check_model_sig(bundle_dir: Path, path: Path, trusted: dict[str, Path]) -> SignatureCheck:
+    """A model-signing signature: valid when one trusted EC key verifies it over the files."""
+    rel = f"{BundleSection.SIGNATURES}/{path.name}"
+    if not trusted:
+        # The key method's signature does not carry its key: nothing to check it with.
+        return SignatureCheck(rel, None, True, False, None)
+    import model_signing.verifying  # ~1 s to import (sigstore); only model.sig needs it
+
+    problems = []
+    for kid, pub in trusted.items():
+        try:
+            config = model_signing.verifying.Config()  # type: ignore[no-untyped-call]
+            config.use_elliptic_key_verifier(public_key=pub).verify(bundle_dir, path)
+        except Exception as exc:  # model-signing raises ValueError, protobuf and JSON errors
+            problems.append(" ".join(str(exc).split())[:200] or type(exc).__name__)
+            continue
+        return SignatureCheck(rel, kid, True, True, None)
+    return SignatureCheck(rel, None, False, False, f"no --trusted-key verifies it ({problems[0]})")
 
 
 def _check_one(path: Path, manifest: bytes, trusted: set[str]) -> SignatureCheck:
@@ -207,13 +284,17 @@ def check_signatures(
         ArtifactError: MANIFEST.json cannot be read.
         ParamsError: A trusted key file is not an Ed25519 public key.
     """
-    trusted = {key_id(load_public_key(p)) for p in trusted_keys or []}
+    keys = {p: load_public_key(p) for p in trusted_keys or []}
+    trusted = {key_id(k) for k in keys.values()}
+    ec_keys = {key_id(k): p for p, k in keys.items() if isinstance(k, ec.EllipticCurvePublicKey)}
     folder = bundle_dir / BundleSection.SIGNATURES
     if not folder.is_dir() or folder.is_symlink():
         return []
     manifest = read_capped(bundle_dir / BUNDLE_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
-    return [
-        _check_one(path, manifest, trusted)
-        for path in sorted(folder.iterdir())
-        if path.name.endswith(SUFFIX)
-    ]
+    checks = []
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(SUFFIX):
+            checks.append(_check_one(path, manifest, trusted))
+        elif path.name == MODEL_SIG and path.is_file() and not path.is_symlink():
+            checks.append(_check_model_sig(bundle_dir, path, ec_keys))
+    return checks

@@ -45,6 +45,13 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("eval/stage.py", "AutoModelForCausalLM.from_pretrained"): (
         "a release checkpoint: safetensors only (use_safetensors=True)"
     ),
+    ("eval/harness.py", "AutoModelForCausalLM.from_pretrained"): (
+        "any checkpoint folder `openrelease eval --checkpoint` is given: safetensors only "
+        "(use_safetensors=True), so a pickled pytorch_model.bin is never read"
+    ),
+    ("eval/harness.py", "AutoTokenizer.from_pretrained"): (
+        "tokenizer.json and JSON configs only (a fast tokenizer; remote code stays off)"
+    ),
     ("train/stages.py", "AutoTokenizer.from_pretrained"): (
         "tokenizer.json and JSON configs only (a fast tokenizer; remote code stays off)"
     ),

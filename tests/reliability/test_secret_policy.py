@@ -30,7 +30,7 @@ CASES = [
     ("an AWS access key id", "AKIA" + _UPPER),
     ("an AWS access key id", "ASIA" + _UPPER),
     ("an AWS secret key", "aws_secret_access_key = " + _HEX),
-    ("a private key", "-----BEGIN OPENSSH PRIVATE KEY-----"),
+    ("a private key", "-----BEGIN OPENSSH PRIVATE KEY-----"),  # pragma: allowlist secret
     ("the value of $MY_API_KEY", "envsecret" + _HEX),
 ]
 IDS = [f"{i}-{what.split()[-1]}" for i, (what, _) in enumerate(CASES)]
@@ -62,6 +62,7 @@ def test_mlflow_params_and_tags_never_hold_it(
     tracker = StageTracker("data", params=params, project_dir=tmp_path, out_dir=tmp_path / "d")
     tracker.start([])
     tracker.finish()
+    tracker.send()
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("openrelease").experiment_id])
