@@ -180,6 +180,7 @@ def _record_checkpoints(project: Path, params: PipelineParams, stage: str) -> No
     for meta in manifest.checkpoints:
         tracker.log_checkpoint(meta, path=stage_dir / "checkpoints" / f"step-{meta.step}")
     tracker.finish()
+    tracker.send()  # what the recorder beside the trainer does
 
 
 def test_eval_stage_records_lm_eval_everywhere(
