@@ -1,5 +1,6 @@
 # Two set-up commands for a fresh machine with Python 3.11 and pip:
-#   make demo   - create .venv if missing, install, run the tiny pipeline end to end (dvc repro)
+#   make demo   - create .venv if missing, install, `openrelease init demo` (the project users
+#                 get), then run its tiny pipeline end to end (dvc repro)
 #   make test   - create .venv if missing, install, lint, type-check and run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -18,10 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
 	@touch $(STAMP)
 
+DEMO := demo
+
 demo: $(STAMP)
-	@test -f params.yaml || cp pipelines/tiny.yaml params.yaml
-	$(BIN)/dvc repro
-	@$(BIN)/openrelease summary
+	@test -d $(DEMO) || $(BIN)/openrelease init $(DEMO) --recipe tiny
+	cd $(DEMO) && openrelease pipeline sync && dvc repro
+	@cd $(DEMO) && openrelease summary
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -38,4 +41,4 @@ slow: $(STAMP)
 	$(BIN)/pytest -m "slow"
 
 clean-artifacts:
-	rm -rf artifacts release mlflow.db mlruns
+	rm -rf $(DEMO)

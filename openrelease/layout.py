@@ -85,6 +85,16 @@ def stage_rel(stage: str) -> str:
     return f"{ARTIFACTS}/{stage}"
 
 
+def checkpoints_rel(stage: str) -> str:
+    """``artifacts/<stage>/checkpoints``, relative to the workspace."""
+    return f"{stage_rel(stage)}/checkpoints"
+
+
+def states_rel(stage: str) -> str:
+    """``artifacts/<stage>/states``, relative to the workspace."""
+    return f"{stage_rel(stage)}/states"
+
+
 def checkpoint_rel(stage: str, step: int) -> str:
     """``artifacts/<stage>/checkpoints/step-N``, relative to the workspace."""
     return f"{stage_rel(stage)}/checkpoints/{step_name(step)}"
@@ -115,6 +125,25 @@ EVAL_LM_EVAL = "lm_eval.json"
 """lm-evaluation-harness scores and their settings, keyed by checkpoint digest (DVC metrics)."""
 EVAL_LM_EVAL_CURVE = "lm_eval.csv"
 """lm-evaluation-harness scores per scored checkpoint, for `dvc plots`."""
+EVAL_CURVES = "curves"
+"""``curves/<stage>.csv``: one eval curve per training stage (DVC plots, one plot each)."""
+
+
+def eval_curve_rel(stage: str) -> str:
+    """``curves/<stage>.csv``, relative to the eval folder."""
+    return f"{EVAL_CURVES}/{stage}.csv"
+
+
+# --------------------------------------------------------------------------- project (DVC)
+
+DVC_FILE = "dvc.yaml"
+"""The pipeline, generated from params by `openrelease pipeline sync`."""
+PROJECT_STATE = ".openrelease"
+"""openrelease's own folder in a project: the journal (ignored by git) and code.json."""
+CODE_IDENTITY_REL = f"{PROJECT_STATE}/code.json"
+"""The installed openrelease's version and file digest: every stage's code dependency."""
+AUDIT_METRICS_REL = f"{ARTIFACTS}/audit/metrics.json"
+"""The audit stage's DVC metric: ``{"mof_class": N}`` (1-3, 0 unclassified)."""
 
 
 @dataclass(frozen=True)

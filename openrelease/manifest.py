@@ -254,7 +254,13 @@ class GitInfo(Record):
 
     commit: str | None
     dirty: bool
+    """Uncommitted changes besides dvc.lock (DVC's own bookkeeping) and, in a `dvc exp run`,
+    the params the experiment set."""
     diff_sha256: str | None
+    experiment: str | None = None
+    """The `dvc exp run` experiment this run belongs to (its name), if any."""
+    overrides: dict[str, str] = {}
+    """Params (``a.b.c`` keys) the experiment changed from the commit, with their new values."""
 
 
 class InputRecord(Record):

@@ -16,15 +16,32 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
 from openrelease.errors import ParamsError
 from openrelease.safeio import read_regular
 
-StageName = Literal["pretrain", "sft", "distill", "grpo"]
+StageName = str
+"""A training stage's name: an entry of params ``stages`` (``pretrain``, ``sft2``, ...)."""
+StageKind = Literal["pretrain", "sft", "dpo", "distill", "grpo"]
+"""What a training stage does; its name's params section is validated by the kind's model."""
+STAGE_KINDS: tuple[StageKind, ...] = ("pretrain", "sft", "dpo", "distill", "grpo")
 STAGES: tuple[StageName, ...] = ("pretrain", "sft", "distill", "grpo")
+"""The default stage list (params without ``stages``): pretrain -> sft -> distill -> grpo."""
+SCRATCH = "scratch"
+"""``from: scratch``: random initialisation from the seed."""
+HF_PREFIX = "hf:"
+"""``from: hf:ORG/NAME@REVISION``: a base model on the Hugging Face Hub."""
+RESERVED_NAMES = frozenset(
+    {"seed", "data", "model", "compute", "eval", "release", "stages", "bundle", "audit", SCRATCH}
+)
+"""Names a training stage cannot take: params sections and the other pipeline stages."""
 MAX_PARAMS_BYTES = 1 << 20
 
 
@@ -314,6 +331,93 @@ class GRPOParams(TrainStageParams):
     """Policy updates per batch of rollouts."""
 
 
+# --------------------------------------------------------------------------- stage graph
+
+KIND_PARAMS: dict[StageKind, type[TrainStageParams]] = {
+    "pretrain": PretrainParams,
+    "sft": SFTParams,
+    "dpo": TrainStageParams,
+    "distill": DistillParams,
+    "grpo": GRPOParams,
+}
+"""The params model that validates a stage's section, by the stage's kind."""
+
+_HF_REF = re.compile(
+    r"^hf:[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*@[A-Za-z0-9][A-Za-z0-9._/-]*$"
+)
+InitKind = Literal["scratch", "stage", "hf", "folder"]
+
+
+def init_kind(value: str) -> InitKind:
+    """What a ``from`` value names: scratch, an earlier stage, a Hub base model or a folder."""
+    if value == SCRATCH:
+        return "scratch"
+    if value.startswith(HF_PREFIX):
+        return "hf"
+    if "/" in value or value.startswith((".", "~")):
+        return "folder"
+    return "stage"
+
+
+class StageSpec(Params):
+    """One training stage of the pipeline: its name, what it does and what it starts from."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    """The stage's name: its params section, its DVC stage and ``artifacts/<name>``."""
+    kind: StageKind
+    """pretrain, sft, dpo, distill or grpo: the batch source and objective."""
+    from_: str = Field(alias="from", min_length=1, max_length=512)
+    """An earlier stage's name (its final checkpoint), ``scratch``, a Hub base model
+    ``hf:ORG/NAME@REVISION`` or a local model folder (``./models/base``). Default: the previous
+    stage, or ``scratch`` for a first stage of kind pretrain."""
+
+    @model_validator(mode="after")
+    def _check(self) -> StageSpec:
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"stage name {self.name!r} is reserved; choose another name")
+        if self.name in STAGE_KINDS and self.name != self.kind:
+            raise ValueError(
+                f"stage {self.name!r} has kind {self.kind}: a stage named after a kind must be of "
+                f"that kind; rename it (e.g. {self.kind}_{self.name})"
+            )
+        if init_kind(self.from_) == "hf" and not _HF_REF.match(self.from_):
+            raise ValueError(
+                f"from {self.from_!r} is not a Hub base model reference; write "
+                "hf:ORG/NAME@REVISION (a pinned revision)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        data["from"] = data.pop("from_")
+        return data
+
+
+DEFAULT_STAGE_LIST: tuple[dict[str, str], ...] = (
+    {"name": "pretrain", "kind": "pretrain", "from": SCRATCH},
+    {"name": "sft", "kind": "sft", "from": "pretrain"},
+    {"name": "distill", "kind": "distill", "from": "sft"},
+    {"name": "grpo", "kind": "grpo", "from": "distill"},
+)
+"""``stages`` when params leave it out: today's chain, so older params files keep working."""
+
+
+def _fill_stage_defaults(raw: Any) -> Any:
+    """Give each stage entry without ``from`` its default (previous stage, or scratch)."""
+    if not isinstance(raw, list):
+        return raw
+    filled: list[Any] = []
+    for i, entry in enumerate(raw):
+        if isinstance(entry, dict) and "from" not in entry and "from_" not in entry:
+            prev = raw[i - 1].get("name") if i and isinstance(raw[i - 1], dict) else None
+            default = prev if prev is not None else SCRATCH
+            entry = {**entry, "from": default}
+        filled.append(entry)
+    return filled
+
+
 # --------------------------------------------------------------------------- eval, release
 
 
@@ -435,8 +539,14 @@ class ReleaseParams(Params):
 
 
 class PipelineParams(Params):
-    """The whole params.yaml: one section per pipeline step."""
+    """The whole params.yaml: one section per pipeline step, one per training stage.
 
+    ``stages`` is the ordered list of training stages; each stage's settings are the section
+    named after it (validated by its kind's model), so two sft stages ``sft`` and ``sft2`` have
+    two sections. A section no stage names is refused.
+    """
+
+    model_config = ConfigDict(extra="allow")
     seed: int = Field(ge=0, lt=2**63)
     """Root seed; every random stream derives from it."""
     data: DataParams
@@ -445,24 +555,82 @@ class PipelineParams(Params):
     """The model architecture."""
     compute: ComputeParams = ComputeParams()
     """Launch and numerics."""
-    pretrain: PretrainParams
-    """Pretraining."""
-    sft: SFTParams
-    """Instruction tuning."""
-    distill: DistillParams
-    """Chain-of-thought distillation."""
-    grpo: GRPOParams
-    """GRPO reinforcement learning."""
+    stages: tuple[StageSpec, ...] = Field(
+        default=tuple(StageSpec.model_validate(s) for s in DEFAULT_STAGE_LIST), min_length=1
+    )
+    """The training stages in order: ``{name, kind, from}`` each (see StageSpec)."""
+    pretrain: PretrainParams | None = None
+    """Pretraining (the section of a stage named pretrain)."""
+    sft: SFTParams | None = None
+    """Instruction tuning (the section of a stage named sft)."""
+    distill: DistillParams | None = None
+    """Chain-of-thought distillation (the section of a stage named distill)."""
+    grpo: GRPOParams | None = None
+    """GRPO reinforcement learning (the section of a stage named grpo)."""
     eval: EvalParams = EvalParams()
     """Evaluation."""
     release: ReleaseParams
     """The release bundle."""
 
+    _sections: dict[str, TrainStageParams] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stages" in data:
+            data = {**data, "stages": _fill_stage_defaults(data["stages"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> PipelineParams:
+        seen: list[str] = []
+        for spec in self.stages:
+            if spec.name in seen:
+                raise ValueError(f"stages: {spec.name!r} is listed twice; names must be unique")
+            if init_kind(spec.from_) == "stage" and spec.from_ not in seen:
+                raise ValueError(
+                    f"stages: {spec.name} starts from {spec.from_!r}, which is not an earlier "
+                    f"stage; use one of {seen or '(none yet)'}, scratch, hf:ORG/NAME@REVISION "
+                    "or a folder path like ./models/base"
+                )
+            if spec.from_ == SCRATCH and spec.kind in ("dpo", "distill", "grpo"):
+                raise ValueError(
+                    f"stages: {spec.name} (kind {spec.kind}) cannot start from scratch; "
+                    "it needs a model to start from (an earlier stage or a base model)"
+                )
+            seen.append(spec.name)
+        extra = dict(self.model_extra or {})
+        sections: dict[str, TrainStageParams] = {}
+        for spec in self.stages:
+            if spec.name in type(self).model_fields:
+                section = getattr(self, spec.name)
+                if section is None:
+                    raise ValueError(f"{spec.name}: required key is missing (stage {spec.name})")
+                sections[spec.name] = section
+                continue
+            raw = extra.pop(spec.name, None)
+            if raw is None:
+                raise ValueError(f"{spec.name}: required key is missing (stage {spec.name})")
+            try:
+                sections[spec.name] = KIND_PARAMS[spec.kind].model_validate(raw)
+            except ValidationError as exc:
+                errors = exc.errors()
+                first = _describe_error(errors[0], errors, prefix=f"{spec.name}.")
+                raise ValueError(first) from None
+        if extra:
+            name = sorted(extra)[0]
+            raise ValueError(
+                f"{name}: unknown key (not a params section nor a stage in `stages`; "
+                "see `openrelease params show`)"
+            )
+        self._sections = sections
+        return self
+
     @model_validator(mode="after")
     def _check_cross(self) -> PipelineParams:
         world = self.compute.nproc_per_node * self.compute.nnodes
-        for name in STAGES:
-            stage: TrainStageParams = getattr(self, name)
+        for spec in self.stages:
+            name, stage = spec.name, self.stage(spec.name)
             if stage.global_batch_size % (stage.micro_batch_size * world):
                 raise ValueError(
                     f"{name}.global_batch_size {stage.global_batch_size} must be a multiple of "
@@ -473,17 +641,55 @@ class PipelineParams(Params):
                     f"{name}.seq_len {stage.seq_len} exceeds model.max_position_embeddings "
                     f"{self.model.max_position_embeddings}"
                 )
-        if self.pretrain.seq_len != self.data.seq_len:
-            raise ValueError(
-                f"pretrain.seq_len {self.pretrain.seq_len} must equal data.seq_len "
-                f"{self.data.seq_len} (pretraining reads the packed sequences)"
-            )
+            if spec.kind == "pretrain" and stage.seq_len != self.data.seq_len:
+                raise ValueError(
+                    f"{name}.seq_len {stage.seq_len} must equal data.seq_len "
+                    f"{self.data.seq_len} (pretraining reads the packed sequences)"
+                )
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        mode = "json" if info.mode_is_json() else "python"
+        for name, section in self._sections.items():
+            data[name] = section.model_dump(mode=mode)
+        for name in ("pretrain", "sft", "distill", "grpo"):
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+    @property
+    def train_stages(self) -> tuple[StageName, ...]:
+        """The training stages' names, in pipeline order."""
+        return tuple(spec.name for spec in self.stages)
+
+    def spec(self, name: StageName) -> StageSpec:
+        """The ``stages`` entry of training stage ``name``."""
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise ParamsError(
+            f"{name!r} is not a training stage of these params; stages: "
+            f"{', '.join(self.train_stages)}."
+        )
 
     def stage(self, name: StageName) -> TrainStageParams:
         """Return the params section of training stage ``name``."""
-        section: TrainStageParams = getattr(self, name)
+        # A declared section is read from its field, so model_copy(update=...) is honoured.
+        field = getattr(self, name, None) if name in type(self).model_fields else None
+        section = field if isinstance(field, TrainStageParams) else self._sections.get(name)
+        if section is None or name not in self._sections:
+            self.spec(name)  # raises naming the stages
+            raise AssertionError(name)
         return section
+
+    def parent_stage(self, name: StageName) -> StageName | None:
+        """The earlier stage whose final checkpoint ``name`` starts from, or None."""
+        source = self.spec(name).from_
+        return source if init_kind(source) == "stage" else None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -543,9 +749,12 @@ def parse_yaml(text: str, *, source: str) -> Any:
         raise ParamsError(f"{source}: invalid YAML value ({problem}); quote it.") from None
 
 
-def _describe_error(err: Any, errors: list[Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+def _describe_error(err: Any, errors: list[Any], *, prefix: str = "") -> str:
+    loc = prefix + ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
+    if kind == "value_error" and not err["loc"]:
+        # A whole-file rule (the stage graph, cross-section checks) names its own keys.
+        return str(err["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
         parent = err["loc"][:-1]
         missing = [
@@ -555,6 +764,8 @@ def _describe_error(err: Any, errors: list[Any]) -> str:
         return f"{loc}: unknown key ({hint})"
     if kind == "missing":
         return f"{loc}: required key is missing"
+    if isinstance(err.get("input"), dict):  # a rule over a whole mapping names its keys
+        return f"{loc}: {str(err['msg']).removeprefix('Value error, ')}"
     shown = repr(err.get("input"))
     if len(shown) > 60:
         shown = shown[:57] + "..."
@@ -581,7 +792,8 @@ def load_params(path: Path) -> PipelineParams:
     """Read and validate a params file (params.yaml or a recipe in pipelines/)."""
     if not path.exists() and not path.is_symlink():
         raise ParamsError(
-            f"{path} not found; copy a recipe there: cp pipelines/tiny.yaml params.yaml",
+            f"{path} not found; start a project with `openrelease init DIR`, or copy a recipe "
+            "there: cp pipelines/tiny.yaml params.yaml",
             path=str(path),
         )
     raw = read_regular(

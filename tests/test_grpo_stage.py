@@ -171,8 +171,10 @@ def _wrapped_setup(monkeypatch: pytest.MonkeyPatch, wrap: type, **kw: object) ->
 
     original = train.STAGE_SETUPS["grpo"]
 
-    def setup(params: PipelineParams, store: DataStore, pdir: Path, ctx: DistContext) -> object:
-        inner = original(params, store, pdir, ctx)
+    def setup(
+        params: PipelineParams, store: DataStore, pdir: Path, ctx: DistContext, stage: str
+    ) -> object:
+        inner = original(params, store, pdir, ctx, stage)
         return dataclasses.replace(inner, objective=wrap(inner.objective, **kw))
 
     monkeypatch.setitem(train.STAGE_SETUPS, "grpo", setup)

@@ -18,8 +18,11 @@ def test_recipe_validates(recipe: Path) -> None:
     assert params.pretrain.seq_len == params.data.seq_len
 
 
-def test_default_params_is_the_tiny_recipe() -> None:
-    assert load_params(REPO_ROOT / "params.yaml") == load_params(REPO_ROOT / "pipelines/tiny.yaml")
+def test_init_offers_every_recipe() -> None:
+    from openrelease.pipeline import recipe_names
+
+    assert recipe_names() == sorted(p.stem for p in RECIPES)
+    assert "tiny" in recipe_names()
 
 
 def test_moxin_recipe_is_mistral_shaped_multinode() -> None:

@@ -166,9 +166,9 @@ def test_sigterm_saves_state_and_resume_is_exact(
     original = train.STAGE_SETUPS["pretrain"]
 
     def interrupted_setup(
-        params: PipelineParams, store: DataStore, pdir: Path, ctx: DistContext
+        params: PipelineParams, store: DataStore, pdir: Path, ctx: DistContext, stage: str
     ) -> object:
-        setup = original(params, store, pdir, ctx)
+        setup = original(params, store, pdir, ctx, stage)
         return train.StageSetup(_SigtermAt(setup.source, 6, 8), None, None)  # type: ignore[arg-type]
 
     monkeypatch.setitem(train.STAGE_SETUPS, "pretrain", interrupted_setup)

@@ -266,3 +266,13 @@ def hub_logging() -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+def check_before_stage(params: Path) -> None:
+    """Run `pipeline check` when a DVC pipeline runs this stage (a dvc.yaml beside params)."""
+    from openrelease.params import load_params
+    from openrelease.pipeline import check_pipeline
+
+    project = params.resolve().parent
+    if (project / layout.DVC_FILE).is_file():
+        check_pipeline(project, load_params(params))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -146,6 +147,12 @@ def audit_cmd(
     no_hashes: Annotated[
         bool, typer.Option("--no-hashes", help="Skip hashing weights (faster, less certain).")
     ] = False,
+    metrics: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics", help='Write {"mof_class": N} (1-3, 0 unclassified) for DVC metrics.'
+        ),
+    ] = None,
 ) -> None:
     """Score a release's MOF openness class from its evidence, not only its claims."""
     from openrelease.audit.report import audit
@@ -157,6 +164,8 @@ def audit_cmd(
         report = audit(target, endpoint=endpoint, revision=revision, check_hashes=not no_hashes)
     if write_mof is not None:
         write_text_atomic(write_mof, report.to_mof_yaml())
+    if metrics is not None:
+        write_text_atomic(metrics, json.dumps({"mof_class": report.mof_class or 0}) + "\n")
     with reader_may_leave():
         if as_json:
             print_json(report)

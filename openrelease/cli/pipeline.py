@@ -16,11 +16,12 @@ from openrelease.cli.app import (
     ParamsOpt,
     StageOpt,
     app,
+    check_before_stage,
     err,
     out,
     print_json,
 )
-from openrelease.params import STAGES, PipelineParams, load_params
+from openrelease.params import PipelineParams, load_params
 
 if TYPE_CHECKING:
     from openrelease.data.store import DataStore
@@ -56,6 +57,7 @@ def data(ctx: typer.Context, params: ParamsOpt = DEFAULT_PARAMS) -> None:
         return
     from openrelease.data.stage import run_data_stage
 
+    check_before_stage(params)
     pipeline = load_params(params)
     with err.status("data stage") as status:
         manifest = run_data_stage(
@@ -129,7 +131,8 @@ def summary(params: ParamsOpt = DEFAULT_PARAMS, as_json: JsonOpt = False) -> Non
     """Show what each pipeline stage produced in this workspace and where it is."""
     from openrelease.record.summary import describe_workspace
 
-    report = describe_workspace(Path.cwd(), load_params(params))
+    pipeline = load_params(params)
+    report = describe_workspace(Path.cwd(), pipeline)
     if as_json:
         print_json(report)
         return
@@ -140,7 +143,7 @@ def summary(params: ParamsOpt = DEFAULT_PARAMS, as_json: JsonOpt = False) -> Non
     if report.final_metrics:
         keys = sorted({k for m in report.final_metrics.values() for k in m if k != "step"})
         metrics = Table("stage", "step", *keys, title="eval (final checkpoint of each stage)")
-        order: dict[str, int] = {name: i for i, name in enumerate(STAGES)}
+        order: dict[str, int] = {name: i for i, name in enumerate(pipeline.train_stages)}
         for stage, m in sorted(report.final_metrics.items(), key=lambda kv: order.get(kv[0], 99)):
             cells = [f"{m[k]:.4g}" if k in m else "-" for k in keys]
             metrics.add_row(stage, str(int(m.get("step", 0))), *cells)

@@ -17,6 +17,7 @@ from openrelease.cli.app import (
     ParamsOpt,
     app,
     byte_progress,
+    check_before_stage,
     err,
     hub_logging,
     out,
@@ -54,7 +55,9 @@ def bundle_cmd(
     from openrelease.release.bundle import build_bundle
     from openrelease.release.files import BundleProgress
 
-    pipeline = load_params(project_dir / params if not params.is_absolute() else params)
+    params_path = project_dir / params if not params.is_absolute() else params
+    check_before_stage(params_path)
+    pipeline = load_params(params_path)
     if certify_replays:
         from openrelease.release.cards import certificate_lines
         from openrelease.reproduce.run import certify

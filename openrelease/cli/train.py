@@ -20,6 +20,7 @@ from openrelease.cli.app import (
     ParamsOpt,
     StageOpt,
     app,
+    check_before_stage,
     err,
     out,
     print_json,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 @app.command("train")
 def train_cmd(
-    stage: Annotated[StageName, typer.Argument(help="pretrain, sft, distill or grpo.")],
+    stage: Annotated[StageName, typer.Argument(help="A training stage of params `stages`.")],
     params: ParamsOpt = DEFAULT_PARAMS,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the launch command; train nothing.")
@@ -76,19 +77,29 @@ def train_cmd(
 
 @app.command("launch")
 def launch_cmd(
-    stage: Annotated[StageName, typer.Argument(help="pretrain, sft, distill or grpo.")],
+    stage: Annotated[StageName, typer.Argument(help="A training stage of params `stages`.")],
     params: ParamsOpt = DEFAULT_PARAMS,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="The stage's kind, as dvc.yaml names it.")
+    ] = None,
 ) -> None:
     """Start a training stage with the launcher params choose (python, torchrun or srun).
 
     This is what `dvc.yaml` runs; the exit code is the launcher's. A recorder process beside
     the trainer sends the stage's journal to MLflow (the trainer never imports mlflow).
     """
+    from openrelease.errors import ParamsError
     from openrelease.record.recorder import run_recorded
     from openrelease.record.tracking import stage_run_key, tracking_uri
     from openrelease.train.launch import launch_command
 
+    check_before_stage(params)
     pipeline = load_params(params)
+    if kind is not None and pipeline.spec(stage).kind != kind:
+        raise ParamsError(
+            f"dvc.yaml runs {stage} as kind {kind}, params.yaml says "
+            f"{pipeline.spec(stage).kind}; run `openrelease pipeline sync`."
+        )
     compute = pipeline.compute
     argv = launch_command(compute, stage=stage, params_path=str(params), resolve=True)
     err.print(f"$ {' '.join(argv)}", highlight=False)
@@ -149,6 +160,7 @@ def eval_cmd(
         return
     from openrelease.eval.stage import run_eval_stage
 
+    check_before_stage(params)
     pipeline = load_params(params)
     bar, progress = _eval_progress()
     with bar, redirect_stdout(sys.stderr):  # lm-eval prints progress on stdout

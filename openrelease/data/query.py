@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from openrelease.data.order import global_batch, order_digest, stage_order
 from openrelease.data.store import DataStore
 from openrelease.errors import DataError
-from openrelease.params import STAGES, PipelineParams, StageName
+from openrelease.params import PipelineParams, StageName
 
 _RECORD_TEXT_FIELDS = ("prompt", "response", "reasoning", "answer")
 
@@ -144,7 +144,7 @@ def where_seen(
         )
     wanted = set(ids)
     sightings = []
-    for stage in STAGES:
+    for stage in params.train_stages:
         # Map dataset index -> doc ids, then scan the stage's whole order once.
         index_to_ids = _index_map(store, stage, wanted)
         if not index_to_ids:

@@ -28,7 +28,7 @@ from openrelease.manifest import (
     write_json,
     write_text_atomic,
 )
-from openrelease.params import STAGES, LmEvalParams
+from openrelease.params import LmEvalParams
 
 logger = logging.getLogger(__name__)
 
@@ -317,14 +317,16 @@ def write_harness_outputs(results: Sequence[EvalResult], eval_dir: Path) -> None
 
 
 def stage_offsets(results: Sequence[EvalResult]) -> dict[str, int]:
-    """Stage -> tokens seen by the stages before it (their last checkpoints' counts)."""
+    """Stage -> tokens seen by the stages before it (their last checkpoints' counts).
+
+    Stages follow the order of ``results`` (the pipeline's order, as the eval stage lists them).
+    """
     last: dict[str, int] = {}
     for r in results:
         last[r.stage] = max(last.get(r.stage, 0), r.tokens_seen)
     offsets: dict[str, int] = {}
     total = 0
-    for stage in STAGES:
-        if stage in last:
-            offsets[stage] = total
-            total += last[stage]
+    for stage, tokens in last.items():
+        offsets[stage] = total
+        total += tokens
     return offsets

@@ -11,7 +11,7 @@ from typing import Any
 
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.eval.harness import metric_name
-from openrelease.layout import EVAL_PLOTS, EVAL_RESULTS, METRICS, Bundle, Workspace
+from openrelease.layout import EVAL_PLOTS, EVAL_RESULTS, METRICS, Bundle, BundleSection, Workspace
 from openrelease.manifest import EvalResult, validate_model, write_bytes_atomic
 from openrelease.params import STAGES
 from openrelease.safeio import loads_json, read_regular
@@ -44,6 +44,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _stages_in(root: Path) -> list[str]:
+    """Training stages with a metrics.jsonl: the default chain's order, then the others."""
+    found = {
+        p.parent.name
+        for parent in (Workspace(root).artifacts, Bundle(root).root / BundleSection.LOGS)
+        for p in parent.glob(f"*/{METRICS}")
+    }
+    return [s for s in STAGES if s in found] + sorted(found - set(STAGES))
+
+
 def read_training_metrics(root: Path) -> dict[str, list[dict[str, float]]]:
     """Per-stage rows of the trainer's metrics.jsonl (workspace or bundle layout).
 
@@ -53,7 +63,7 @@ def read_training_metrics(root: Path) -> dict[str, list[dict[str, float]]]:
         ArtifactError: A metrics file is not a regular file in ``root``, too big, or bad JSON.
     """
     out: dict[str, list[dict[str, float]]] = {}
-    for stage in STAGES:
+    for stage in _stages_in(root):
         path = _metrics_file(root, stage)
         if path is None:
             continue
@@ -163,7 +173,7 @@ def _eval_plot(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         return []
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for stage in STAGES:
+        for stage in dict.fromkeys(r["stage"] for r in results):
             rows = sorted(
                 (r for r in results if r["stage"] == stage and key in r["metrics"]),
                 key=lambda r: r["step"],
@@ -174,7 +184,7 @@ def _eval_plot(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                     [r["metrics"][key] for r in rows],
                     marker="o",
                     label=stage,
-                    color=_STAGE_COLORS[stage],
+                    color=_STAGE_COLORS.get(stage),
                 )
         ax.set_title(key)
         ax.set_xlabel("checkpoint step")
@@ -205,13 +215,14 @@ def _harness_plot(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     last: dict[str, int] = {}
     for r in results:
         last[r["stage"]] = max(last.get(r["stage"], 0), r["tokens_seen"])
+    order = list(last)  # stages in the order the results list them (the pipeline's order)
     offset, offsets = 0, {}
-    for stage in STAGES:
-        offsets[stage], offset = offset, offset + last.get(stage, 0)
+    for stage in order:
+        offsets[stage], offset = offset, offset + last[stage]
     tasks = sorted(metrics)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for stage in STAGES:
+        for stage in order:
             pts = sorted(
                 (offsets[stage] + r["tokens_seen"], main[task][1])
                 for r, main in scored
@@ -223,7 +234,7 @@ def _harness_plot(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                     [p[1] for p in pts],
                     marker="o",
                     label=stage,
-                    color=_STAGE_COLORS[stage],
+                    color=_STAGE_COLORS.get(stage),
                 )
         ax.set_title(f"{task} ({metric_name(metrics[task])})", fontsize=9)
         ax.set_xlabel("tokens seen (cumulative over stages)")
@@ -267,6 +278,7 @@ def write_plots(
     if evals:
         paths += _eval_plot(evals, out_dir)
         paths += _harness_plot(evals, out_dir)
-    if metrics.get("grpo"):
-        paths += _grpo_plot(metrics["grpo"], out_dir)
+    rl = next((rows for rows in metrics.values() if any("reward" in r for r in rows)), [])
+    if rl:
+        paths += _grpo_plot(rl, out_dir)
     return paths

@@ -27,7 +27,16 @@ from openrelease.eval.harness import (
     write_harness_outputs,
 )
 from openrelease.eval.progress import Heartbeat
-from openrelease.layout import STAGE_MANIFEST, Workspace, checkpoint_rel, eval_result_rel
+from openrelease.layout import (
+    EVAL_CURVE,
+    EVAL_CURVES,
+    EVAL_METRICS,
+    STAGE_MANIFEST,
+    Workspace,
+    checkpoint_rel,
+    eval_curve_rel,
+    eval_result_rel,
+)
 from openrelease.manifest import (
     CheckpointMeta,
     EvalResult,
@@ -38,7 +47,7 @@ from openrelease.manifest import (
     write_json,
     write_text_atomic,
 )
-from openrelease.params import STAGES, EvalParams, PipelineParams
+from openrelease.params import EvalParams, PipelineParams
 from openrelease.record.runinfo import model_key, pipeline_step
 from openrelease.record.tracking import StageTracker
 
@@ -212,9 +221,9 @@ def _eval_digest(params: EvalParams, store: DataStore, project_dir: Path) -> str
     )
 
 
-def _stage_manifests(project_dir: Path) -> dict[str, StageManifest]:
+def _stage_manifests(project_dir: Path, stages: tuple[str, ...]) -> dict[str, StageManifest]:
     out: dict[str, StageManifest] = {}
-    for stage in STAGES:
+    for stage in stages:
         path = Workspace(project_dir).stage_manifest(stage)
         if path.exists():
             out[stage] = read_model(path, StageManifest)
@@ -222,9 +231,19 @@ def _stage_manifests(project_dir: Path) -> dict[str, StageManifest]:
 
 
 def write_samples(
-    stage: str, checkpoint_dir: Path, *, store: DataStore, params: EvalParams, out_path: Path
+    stage: str,
+    checkpoint_dir: Path,
+    *,
+    store: DataStore,
+    params: EvalParams,
+    out_path: Path,
+    checkpoint: str | None = None,
 ) -> None:
-    """Answer a fixed prompt set with the stage's final checkpoint; save JSONL + settings."""
+    """Answer a fixed prompt set with the stage's final checkpoint; save JSONL + settings.
+
+    ``checkpoint`` is the name recorded for the checkpoint (its workspace-relative path), so
+    the samples carry no absolute path of the machine.
+    """
     if params.num_samples == 0:
         return
     model, tokenizer = _load(checkpoint_dir)
@@ -242,7 +261,7 @@ def write_samples(
         "top_p": 0.95,
         "seed": SAMPLE_SEED,
         "max_new_tokens": params.max_new_tokens,
-        "checkpoint": checkpoint_dir.as_posix(),
+        "checkpoint": checkpoint or checkpoint_dir.as_posix(),
     }
     lines = [
         json.dumps(
@@ -279,7 +298,7 @@ def run_eval_stage(
     store = DataStore(project_dir / params.data.out_dir)
     eval_dir = project_dir / EVAL_DIR
     digest = _eval_digest(params.eval, store, project_dir)
-    manifests = _stage_manifests(project_dir)
+    manifests = _stage_manifests(project_dir, params.train_stages)
     todo = [(s, c) for s, m in manifests.items() for c in m.checkpoints]
     harness = plan_harness(
         params.eval.lm_eval,
@@ -412,9 +431,10 @@ def _evaluate_all(
                 store=store,
                 params=params.eval,
                 out_path=samples,
+                checkpoint=manifest.final_checkpoint,
             )
     beat.step("writing metrics and plots")
-    _write_dvc_outputs(results, eval_dir)
+    _write_dvc_outputs(results, eval_dir, params.train_stages)
     write_harness_outputs(results, eval_dir)
     plots = write_plots(
         project_dir, results=[r.model_dump() for r in results], out_dir=eval_dir / "plots"
@@ -441,15 +461,28 @@ def _log_final_metrics(
         )
 
 
-def _write_dvc_outputs(results: list[EvalResult], eval_dir: Path) -> None:
-    """``metrics.json`` (final checkpoint of each stage) and ``curve.csv`` for `dvc plots`."""
+def _write_dvc_outputs(results: list[EvalResult], eval_dir: Path, stages: tuple[str, ...]) -> None:
+    """``metrics.json`` (final checkpoint of each stage), ``curve.csv`` and one curve per stage.
+
+    ``curves/<stage>.csv`` are DVC plots (one plot per stage); ``curve.csv`` keeps every stage
+    in one table for the bundle.
+    """
     final: dict[str, dict[str, float]] = {}
     for r in sorted(results, key=lambda r: r.step):
         final[r.stage] = {**r.metrics, "step": float(r.step)}
-    write_json(eval_dir / "metrics.json", final)
+    write_json(eval_dir / EVAL_METRICS, final)
     keys = sorted({k for r in results for k in r.metrics})
-    rows = ["stage,step,tokens_seen," + ",".join(keys)]
-    for r in sorted(results, key=lambda r: (STAGES.index(r.stage), r.step)):
+    header = "stage,step,tokens_seen," + ",".join(keys)
+    order = {stage: i for i, stage in enumerate(stages)}
+    rows: dict[str, list[str]] = {}
+    for r in sorted(results, key=lambda r: (order.get(r.stage, len(order)), r.stage, r.step)):
         values = ",".join(f"{r.metrics[k]:.6g}" if k in r.metrics else "" for k in keys)
-        rows.append(f"{r.stage},{r.step},{r.tokens_seen},{values}")
-    write_text_atomic(eval_dir / "curve.csv", "\n".join(rows) + "\n")
+        rows.setdefault(r.stage, []).append(f"{r.stage},{r.step},{r.tokens_seen},{values}")
+    every = [line for lines in rows.values() for line in lines]
+    write_text_atomic(eval_dir / EVAL_CURVE, "\n".join([header, *every]) + "\n")
+    curves = eval_dir / EVAL_CURVES
+    for old in curves.glob("*.csv") if curves.is_dir() else ():
+        if old.stem not in rows:
+            old.unlink()
+    for stage, lines in rows.items():
+        write_text_atomic(eval_dir / eval_curve_rel(stage), "\n".join([header, *lines]) + "\n")

@@ -13,13 +13,17 @@ from pydantic import BaseModel, ConfigDict
 from openrelease.errors import ProvenanceError
 from openrelease.layout import (
     CHECKPOINT_META,
+    EVAL_STAGE,
     RECORD,
     Workspace,
     stage_rel,
     step_name,
 )
 from openrelease.manifest import CheckpointMeta, DataManifest, StageRecord, read_model
-from openrelease.params import STAGES
+
+DATA_STAGE = "data"
+INIT_SUFFIX = "-final"
+"""A training record's input ``<stage>-final``: the checkpoint it started from."""
 
 
 class LineageNode(BaseModel):
@@ -44,12 +48,37 @@ class LineageReport(BaseModel):
 
 
 def _records(project_dir: Path) -> dict[str, StageRecord]:
+    """The training stages' records: ``artifacts/<stage>/record.json`` with checkpoints."""
     out: dict[str, StageRecord] = {}
-    for stage in STAGES:
-        path = Workspace(project_dir).record(stage)
-        if path.exists():
-            out[stage] = read_model(path, StageRecord)
+    for path in sorted(Workspace(project_dir).artifacts.glob(f"*/{RECORD}")):
+        if path.parent.name in (DATA_STAGE, EVAL_STAGE):
+            continue
+        out[path.parent.name] = read_model(path, StageRecord)
     return out
+
+
+def _parent_stage(record: StageRecord) -> str | None:
+    """The stage whose final checkpoint the recorded run started from (its ``<stage>-final``)."""
+    for item in record.inputs:
+        if item.kind == "checkpoint" and item.name.endswith(INIT_SUFFIX):
+            return item.name.removesuffix(INIT_SUFFIX)
+    return None
+
+
+def _chain(records: dict[str, StageRecord], stage: str, target: str) -> list[str]:
+    """The stages from the first one (scratch or a base model) to ``stage``."""
+    chain = [stage]
+    while True:
+        record = records.get(chain[0])
+        if record is None:
+            raise ProvenanceError(
+                f"{stage_rel(chain[0])}/{RECORD} is missing; the chain to {target} "
+                f"is broken. Re-run `dvc repro {chain[0]}` (or `dvc pull`)."
+            )
+        parent = _parent_stage(record)
+        if parent is None or parent in chain:
+            return chain
+        chain.insert(0, parent)
 
 
 def _data_nodes(project_dir: Path) -> list[LineageNode]:
@@ -121,7 +150,7 @@ def _find_target(records: dict[str, StageRecord], target: str) -> tuple[str, int
     if meta_path.exists():
         meta = read_model(meta_path, CheckpointMeta)
         return meta.stage, meta.step
-    if target in STAGES:
+    if target in records:
         return target, None
     for stage, record in records.items():
         if target in (record.run_id, record.run_key):
@@ -138,13 +167,8 @@ def lineage(project_dir: Path, target: str) -> LineageReport:
     stage, step = _find_target(records, target)
     nodes = _data_nodes(project_dir)
     parent: str | None = nodes[-1].digest if nodes else None
-    for name in STAGES[: STAGES.index(stage) + 1]:
-        record = records.get(name)
-        if record is None:
-            raise ProvenanceError(
-                f"{stage_rel(name)}/{RECORD} is missing; the chain to {target} "
-                f"is broken. Re-run `dvc repro {name}`."
-            )
+    for name in _chain(records, stage, target):
+        record = records[name]
         nodes.append(_stage_node(record, parent))
         checkpoints = sorted(record.checkpoints, key=lambda c: c.step)
         if name == stage and step is not None:

@@ -20,7 +20,7 @@ import yaml
 from openrelease.digest import sha256_bytes
 from openrelease.layout import CHECKPOINT_META, PARAMS, Workspace
 from openrelease.manifest import CheckpointMeta, GitInfo, StageRecord, read_model, write_text_atomic
-from openrelease.params import STAGES, PipelineParams
+from openrelease.params import RESERVED_NAMES, PipelineParams
 from openrelease.secrets import redact
 
 _ENV_KEPT = (
@@ -46,18 +46,38 @@ def git_output(project_dir: Path, *args: str) -> str | None:
     return proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else None
 
 
+_DVC_BOOKKEEPING = "dvc.lock"
+"""DVC rewrites it as stages finish: a change to it alone does not make the code dirty."""
+
+
 def git_info(project_dir: Path, journal_dir: Path) -> GitInfo:
-    """Commit and dirtiness; a dirty tree's diff is saved beside the journal (redacted)."""
+    """Commit and dirtiness; a dirty tree's diff is saved beside the journal (redacted).
+
+    In a `dvc exp run` (``DVC_EXP_NAME`` / ``DVC_EXP_BASELINE_REV`` set), the params DVC applied
+    are the experiment's overrides, recorded as such, not as a dirty tree.
+    """
     commit = git_output(project_dir, "rev-parse", "HEAD")
-    status = git_output(project_dir, "status", "--porcelain", "--untracked-files=no")
-    diff = git_output(project_dir, "diff", "HEAD") or ""
-    dirty = bool(status and status.strip())
+    status = git_output(project_dir, "status", "--porcelain", "--untracked-files=no", "--", ".")
+    prefix = (git_output(project_dir, "rev-parse", "--show-prefix") or "").strip()
+    experiment = os.environ.get("DVC_EXP_NAME") or (
+        "workspace" if os.environ.get("DVC_EXP_BASELINE_REV") else None
+    )
+    expected = {prefix + _DVC_BOOKKEEPING} | ({prefix + PARAMS} if experiment else set())
+    changed = [line[3:].strip() for line in (status or "").splitlines() if line.strip()]
+    dirty = any(path not in expected for path in changed)
+    overrides = dvc_experiment(project_dir)[1] if experiment else {}
     diff_sha = None
     if dirty:
-        diff = redact(diff)
+        diff = redact(git_output(project_dir, "diff", "HEAD") or "")
         write_text_atomic(journal_dir / "git.diff", diff)
         diff_sha = sha256_bytes(diff.encode("utf-8"))
-    return GitInfo(commit=commit.strip() if commit else None, dirty=dirty, diff_sha256=diff_sha)
+    return GitInfo(
+        commit=commit.strip() if commit else None,
+        dirty=dirty,
+        diff_sha256=diff_sha,
+        experiment=experiment,
+        overrides=overrides,
+    )
 
 
 def environment_info(*, world_size: int, num_threads: int) -> dict[str, str]:
@@ -105,7 +125,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 def source_tags(project_dir: Path, stage: str, git: GitInfo) -> dict[str, str]:
     """MLflow's own tags: the run's source (command, git commit, repository) and its user."""
-    command = f"openrelease launch {stage}" if stage in STAGES else f"openrelease {stage}"
+    command = f"openrelease {stage}" if stage in RESERVED_NAMES else f"openrelease launch {stage}"
     tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
     try:
         tags["mlflow.user"] = getpass.getuser()
@@ -181,7 +201,7 @@ def pipeline_step(params: PipelineParams, stage: str, step: int) -> int:
     The steps of the earlier stages plus ``step``: pretrain 1..N, then sft N+1.., and so on.
     """
     offset = 0
-    for name in STAGES:
+    for name in params.train_stages:
         if name == stage:
             return offset + step
         offset += params.stage(name).num_steps

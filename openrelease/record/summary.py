@@ -15,11 +15,12 @@ from openrelease.layout import (
     STAGE_MANIFEST,
     Bundle,
     Workspace,
+    checkpoint_rel,
     stage_rel,
     step_of,
 )
 from openrelease.manifest import BundleManifest, DataManifest, StageManifest, read_model
-from openrelease.params import STAGES, PipelineParams
+from openrelease.params import PipelineParams
 from openrelease.record.tracking import ui_uri
 from openrelease.safeio import read_json_file
 
@@ -71,8 +72,23 @@ def _train_status(project_dir: Path, stage: str) -> StageStatus:
     if not manifest_path.exists():
         return StageStatus(stage=stage, done=False, path=rel, summary="not run")
     m = read_model(manifest_path, StageManifest)
-    last = m.checkpoints[-1] if m.checkpoints else None
-    loss = f", final loss {last.loss:.4f}" if last is not None and last.loss is not None else ""
+    missing = [
+        checkpoint_rel(stage, c.step)
+        for c in m.checkpoints
+        if not all(
+            (project_dir / checkpoint_rel(stage, c.step) / f.path).is_file() for f in c.files
+        )
+    ]
+    if missing or not m.checkpoints:
+        what = f"{len(missing)} of {len(m.checkpoints)} checkpoints missing (e.g. {missing[0]})"
+        return StageStatus(
+            stage=stage,
+            done=False,
+            path=rel,
+            summary=f"{what if missing else 'no checkpoints'}; `dvc pull` or `dvc repro {stage}`",
+        )
+    last = m.checkpoints[-1]
+    loss = f", final loss {last.loss:.4f}" if last.loss is not None else ""
     return StageStatus(
         stage=stage,
         done=True,
@@ -121,7 +137,7 @@ def _audit_status(project_dir: Path) -> StageStatus:
 def describe_workspace(project_dir: Path, params: PipelineParams) -> WorkspaceReport:
     """Report which stages of the pipeline have outputs in ``project_dir``."""
     stages = [_data_status(project_dir, params)]
-    stages += [_train_status(project_dir, stage) for stage in STAGES]
+    stages += [_train_status(project_dir, stage) for stage in params.train_stages]
     eval_status, metrics = _eval_status(project_dir)
     stages += [eval_status, _bundle_status(project_dir), _audit_status(project_dir)]
     plot_dir = Workspace(project_dir).eval_dir / EVAL_PLOTS

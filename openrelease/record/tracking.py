@@ -9,6 +9,7 @@ to MLflow; if MLflow is unreachable, operations stay in the journal for later.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from openrelease.manifest import (
     write_json,
     write_text_atomic,
 )
-from openrelease.params import STAGES, PipelineParams
+from openrelease.params import PipelineParams
 from openrelease.record.journal import EMBEDDED_DB, JOURNALS, Journal, journal_dir, now_ms
 from openrelease.record.runinfo import (
     checkpoint_model_key,
@@ -61,6 +62,17 @@ def tracking_uri(project_dir: Path) -> str:
     if uri:
         return uri
     return f"sqlite:///{(project_dir / EMBEDDED_DB).resolve()}"
+
+
+def portable_uri(uri: str, project_dir: Path) -> str:
+    """``uri`` as a record keeps it: the embedded store relative to the project, else as is."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = Path(uri.removeprefix(prefix))
+        root = project_dir.resolve()
+        if path.is_absolute() and path.is_relative_to(root):
+            return prefix + path.relative_to(root).as_posix()
+    return uri
 
 
 def ui_uri(project_dir: Path) -> str:
@@ -135,12 +147,10 @@ class StageTracker:
         self._env: dict[str, str] = {}
 
     def _rel(self, path: Path) -> str:
-        """``path`` relative to the project (journal operations never hold absolute paths)."""
-        return (
-            path.relative_to(self.project_dir).as_posix()
-            if path.is_relative_to(self.project_dir)
-            else str(path)
-        )
+        """``path`` relative to the project (the journal and record move with it)."""
+        root = self.project_dir.resolve()
+        full = path.resolve()
+        return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
 
     def _stage_params(self) -> dict[str, Any]:
         dumped = self.params.model_dump(mode="json")
@@ -199,6 +209,11 @@ class StageTracker:
             "openrelease.git_dirty": str(self._git.dirty).lower(),
             **{f"env.{k}": redact(v) for k, v in self._env.items()},
         }
+        if self._git.experiment is not None:
+            tags["openrelease.dvc_experiment"] = self._git.experiment
+            tags["openrelease.dvc_overrides"] = json.dumps(self._git.overrides, sort_keys=True)[
+                :5000
+            ]
         ops: list[dict[str, Any]] = [
             self._pipeline_run_op(source),
             {
@@ -228,7 +243,9 @@ class StageTracker:
         lock = self.project_dir / "dvc.lock"
         if lock.is_file():  # the lock as this stage starts: the hashes of every stage upstream
             tags["dvc.lock_sha256"] = sha256_file(lock)
-            ops.append({"op": "artifact", "run": self.run_key, "path": "dvc.lock", "dir": "dvc"})
+            ops.append(
+                {"op": "artifact", "run": self.run_key, "path": self._rel(lock), "dir": "dvc"}
+            )
         if self._git.dirty:
             diff = self.journal.journal_dir / "git.diff"
             ops.append(
@@ -392,7 +409,7 @@ class StageTracker:
         """
         if not self.enabled:
             return None
-        if status == "FINISHED" and self.stage in STAGES and self._checkpoints:
+        if status == "FINISHED" and self.stage in self.params.train_stages and self._checkpoints:
             final = max(self._checkpoints, key=lambda c: c.step)
             self._pending.append(
                 {
@@ -441,7 +458,7 @@ class StageTracker:
             run_key=self.run_key,
             run_id=ids.get(self.run_key),
             parent_run_id=ids.get(self.pipeline_key),
-            tracking_uri=redact(self.uri),
+            tracking_uri=redact(portable_uri(self.uri, self.project_dir)),
             params=self._stage_params(),
             params_digest=sha256_json(self._stage_params()),
             seed=self.params.seed,

@@ -67,7 +67,6 @@ from openrelease.manifest import (
     write_json,
 )
 from openrelease.params import (
-    STAGES,
     LicenseParams,
     PipelineParams,
     TrainStageParams,
@@ -131,7 +130,6 @@ class BundleReport(BaseModel):
 
 
 def _section(params: PipelineParams, stage: str) -> TrainStageParams:
-    assert stage in STAGES, f"unknown stage {stage}"
     return params.stage(stage)
 
 
@@ -531,7 +529,7 @@ def _plan_mof(plan: FilePlan, rec: ReleaseRecord, paper_path: str) -> None:
 
 def _plan(project_dir: Path, rec: ReleaseRecord) -> FilePlan:
     plan = FilePlan()
-    if not_run := [s for s in STAGES if s not in rec.stages]:
+    if not_run := [s for s in rec.params.train_stages if s not in rec.stages]:
         plan.warn(f"bundling {rec.stage_chain()}; {', '.join(not_run)} have not run")
     _plan_checkpoints(plan, project_dir, rec)
     _plan_states(plan, project_dir, rec)

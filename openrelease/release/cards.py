@@ -32,7 +32,7 @@ from openrelease.manifest import (
     StageRecord,
     read_model,
 )
-from openrelease.params import STAGES, PipelineParams
+from openrelease.params import PipelineParams
 from openrelease.release.model_index import harness_eval_results
 
 HF_LICENSES = {
@@ -86,7 +86,7 @@ class ReleaseRecord:
 
     def final_results(self) -> dict[str, EvalResult]:
         """The eval result of each stage's final checkpoint, in pipeline order."""
-        order: dict[str, int] = {stage: i for i, stage in enumerate(STAGES)}
+        order: dict[str, int] = {stage: i for i, stage in enumerate(self.params.train_stages)}
         out: dict[str, EvalResult] = {}
         for r in sorted(self.results, key=lambda r: (order.get(r.stage, len(order)), r.step)):
             out[r.stage] = r
@@ -103,14 +103,14 @@ class ReleaseRecord:
         return layers + embed + m.hidden_size
 
 
-def _read_stages(project_dir: Path) -> dict[str, StageManifest]:
+def _read_stages(project_dir: Path, stages: tuple[str, ...]) -> dict[str, StageManifest]:
     """The stage manifests that exist, which must be a prefix of the pipeline's stages."""
     found: dict[str, StageManifest] = {
         stage: read_model(path, StageManifest)
-        for stage in STAGES
+        for stage in stages
         if (path := Workspace(project_dir).stage_manifest(stage)).is_file()
     }
-    expected = list(STAGES[: max(len(found), 1)])
+    expected = list(stages[: max(len(found), 1)])
     for stage in expected:
         if stage not in found:
             later = " but later stages ran" if found else ""
@@ -177,7 +177,7 @@ def read_release_record(project_dir: Path, params: PipelineParams) -> ReleaseRec
             path=f"{params.data.out_dir}/{STAGE_MANIFEST}",
         )
     data = read_model(data_dir / STAGE_MANIFEST, DataManifest)
-    stages = _read_stages(project_dir)
+    stages = _read_stages(project_dir, params.train_stages)
     records = _read_records(project_dir, data_dir, list(stages))
     rec = ReleaseRecord(
         params=params,
@@ -476,7 +476,7 @@ def technical_report(rec: ReleaseRecord) -> str:
             "",
             "```yaml",
             yaml.safe_dump(
-                p.stage(stage).model_dump(mode="json"),  # type: ignore[arg-type]
+                p.stage(stage).model_dump(mode="json"),
                 sort_keys=False,
             ).rstrip(),
             "```",

@@ -243,6 +243,10 @@ def _git(cwd: Path, *args: str) -> bytes | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
+DVC_DIR = ".dvc"
+DVC_IGNORE = ".dvcignore"
+
+
 def _git_archive(project_dir: Path, commit: str | None) -> tuple[str, dict[str, bytes]] | None:
     """(commit, {path: bytes}) of the repository holding ``project_dir``; None outside git."""
     top = _git(project_dir, "rev-parse", "--show-toplevel")
@@ -261,6 +265,10 @@ def _git_archive(project_dir: Path, commit: str | None) -> tuple[str, dict[str, 
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         for member in tar.getmembers():
             parts = member.name.split("/")
+            # DVC's own files are configuration, not code; DVC takes a folder holding `.dvc/`
+            # for a nested repository and refuses a `.dvcignore` inside an output.
+            if DVC_DIR in parts[:-1] or parts[-1] == DVC_IGNORE:
+                continue
             if member.isfile() and ".." not in parts and not member.name.startswith("/"):
                 extracted = tar.extractfile(member)
                 assert extracted is not None, "a regular tar member has contents"

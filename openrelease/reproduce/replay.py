@@ -32,7 +32,13 @@ from openrelease.layout import (
     state_rel,
 )
 from openrelease.manifest import CheckpointMeta, StageManifest, dump_json, read_model, write_json
-from openrelease.params import STAGES, ComputeParams, PipelineParams, StageName, load_params
+from openrelease.params import (
+    ComputeParams,
+    DistillParams,
+    PipelineParams,
+    StageName,
+    load_params,
+)
 from openrelease.train import TrainReport, run_stage
 from openrelease.train.distill import TEACHER_FILE, TRACES_FILE
 from openrelease.train.launch import launcher_argv
@@ -116,16 +122,17 @@ def scratch_for(
         )
     if state is not None:
         scratch.copies[state_rel(stage, state[0])] = state[1]
-    teacher = params.distill.teacher
-    if stage == "distill" and teacher.kind != "data":
+    section = params.stage(stage)
+    teacher = section.teacher if isinstance(section, DistillParams) else None
+    if teacher is not None and teacher.kind != "data":
         if teacher_root is None:
             raise ArtifactError(
                 f"this bundle does not carry the traces of its distill {teacher.kind} teacher; "
                 "replay distill from the workspace."
             )
         for name in (TRACES_FILE, TEACHER_FILE):
-            if (recorded := Workspace(teacher_root).stage_dir("distill") / name).is_file():
-                scratch.copies[f"{stage_rel('distill')}/{name}"] = recorded
+            if (recorded := Workspace(teacher_root).stage_dir(stage) / name).is_file():
+                scratch.copies[f"{stage_rel(stage)}/{name}"] = recorded
         if not Path(str(teacher.path)).is_absolute():
             scratch.links[str(teacher.path)] = teacher_root / str(teacher.path)
     dumped = params.model_dump(mode="json")
@@ -217,7 +224,7 @@ def worker_entry(stage: StageName, root: Path, *, stop_at_step: int, report: Pat
 def main(argv: list[str]) -> None:
     """The replay worker on one rank; ``argv`` as `worker_entry` builds it (see above)."""
     parser = argparse.ArgumentParser(prog=f"python -m {WORKER}", description=main.__doc__)
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", help="a training stage of the workspace params `stages`")
     parser.add_argument("root", type=Path, help="the scratch workspace (holds params.yaml)")
     parser.add_argument("stop_at_step", type=int)
     parser.add_argument("report", type=Path, help="where rank 0 writes its TrainReport (JSON)")

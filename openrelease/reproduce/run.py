@@ -33,7 +33,7 @@ from openrelease.manifest import (
     read_model,
     write_json,
 )
-from openrelease.params import STAGES, PipelineParams, StageName, load_params
+from openrelease.params import PipelineParams, StageName, load_params
 from openrelease.reproduce.diff import CheckpointDiff, diff_checkpoints
 from openrelease.reproduce.replay import (
     ReplayError,
@@ -44,7 +44,7 @@ from openrelease.reproduce.replay import (
     scratch_for,
 )
 from openrelease.safeio import loads_json, read_regular
-from openrelease.train import INIT_FROM, TrainReport, stage_params_digest
+from openrelease.train import TrainReport, stage_params_digest
 from openrelease.train import checkpoint as ckpt
 from openrelease.train.portable import pickle_free_problem
 from openrelease.verify.tokenizer_probe import has_own_regex
@@ -184,12 +184,12 @@ def _stage_params(
 
 
 def _find_init(
-    target: Target, stage: StageName, digest: str | None
+    target: Target, stage: StageName, digest: str | None, params: PipelineParams
 ) -> tuple[StageName, Path, CheckpointMeta] | None:
-    """The checkpoint of the previous stage the recorded run started from (None: pretrain)."""
-    if stage not in INIT_FROM:
+    """The checkpoint of the earlier stage the recorded run started from (None: no stage)."""
+    prev = params.parent_stage(stage)
+    if prev is None:
         return None
-    prev = INIT_FROM[stage]
     for meta in ckpt.list_checkpoints(target.checkpoints(prev)):
         if meta.checkpoint_digest == digest:
             return prev, target.checkpoint(prev, meta.step), meta
@@ -352,7 +352,7 @@ def _plan(
         stage=stage,
         steps=(first, last),
         params=params,
-        init=_find_init(target, stage, metas[0].parent_digest),
+        init=_find_init(target, stage, metas[0].parent_digest, params),
         state=(first, states[first]) if first else None,
         world_size=world_size,
         num_threads=int(info.get("num_threads") or env.get("num_threads") or compute.num_threads),
@@ -479,7 +479,7 @@ def certify(
     """
     workspace = Workspace(project_dir)
     replays = []
-    for stage in STAGES:
+    for stage in params.train_stages:
         if workspace.stage_manifest(stage).is_file():
             report = reproduce(
                 project_dir, stage=stage, params=params, work_dir=work_dir, progress=progress

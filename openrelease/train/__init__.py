@@ -7,7 +7,6 @@ callers outside the package use is re-exported here.
 from openrelease.train.job import TrainJob
 from openrelease.train.loop import TrainReport
 from openrelease.train.stages import (
-    INIT_FROM,
     STAGE_SETUPS,
     StageSetup,
     main_from_cli,
@@ -16,7 +15,6 @@ from openrelease.train.stages import (
 )
 
 __all__ = [
-    "INIT_FROM",
     "STAGE_SETUPS",
     "StageSetup",
     "TrainJob",

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from openrelease.data.order import global_batch, order_digest, rank_slice
 from openrelease.errors import ArtifactError
 from openrelease.layout import STATE_FILE, Workspace
-from openrelease.manifest import CheckpointFacts
+from openrelease.manifest import CheckpointFacts, write_text_atomic
 from openrelease.params import TrainStageParams
 from openrelease.safeio import read_json_file
 from openrelease.train import checkpoint as ckpt
@@ -199,7 +199,9 @@ def _truncate_after(workspace: Workspace, stage: str, step: int) -> None:
     metrics = workspace.metrics(stage)
     if metrics.is_file():
         keep = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        metrics.write_text("".join(ln + "\n" for ln in keep))
+        # A new file, renamed into place: the old one may be a link into the DVC cache, and the
+        # resumed run appends to this one.
+        write_text_atomic(metrics, "".join(ln + "\n" for ln in keep))
 
 
 def _data_digest(job: TrainJob, first: int, last: int) -> str:

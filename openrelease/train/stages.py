@@ -1,8 +1,9 @@
-"""The four training stages: what each trains on, and `run_stage`, which runs one on every rank.
+"""The training stage kinds: what each trains on, and `run_stage`, which runs one on every rank.
 
-A stage's setup picks its batch source, objective and initial checkpoint (the previous stage's
-final one); `run_stage` builds the `TrainJob`, records the run and hands it to the loop. Start one
-with `openrelease launch <stage>` (the argv comes from train/launch.py).
+A stage's setup (chosen by its kind) picks its batch source, objective and initial checkpoint
+(params ``stages[].from``: an earlier stage's final one, scratch or a base model); `run_stage`
+builds the `TrainJob`, records the run and hands it to the loop. Start one with `openrelease
+launch <stage>` (the argv comes from train/launch.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import AutoTokenizer
 
@@ -20,7 +21,16 @@ from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
 from openrelease.layout import STAGE_MANIFEST, Workspace
 from openrelease.manifest import InputRecord, read_model
-from openrelease.params import PipelineParams, StageName, load_params
+from openrelease.params import (
+    DistillParams,
+    GRPOParams,
+    PipelineParams,
+    StageKind,
+    StageName,
+    TrainStageParams,
+    init_kind,
+    load_params,
+)
 from openrelease.record.tracking import StageTracker
 from openrelease.train import distributed
 from openrelease.train.checkpoint import final_checkpoint
@@ -61,53 +71,85 @@ def _rel(path: Path, project_dir: Path) -> str:
     )
 
 
-INIT_FROM: dict[StageName, StageName] = {"sft": "pretrain", "distill": "sft", "grpo": "distill"}
-"""Stage -> the stage whose final checkpoint it starts from (pretrain starts from the seed)."""
+_T = TypeVar("_T", bound=TrainStageParams)
+BaseModelLoader = Callable[[str, Path], tuple[Path, str, InputRecord]]
+"""(``from`` value, project dir) -> (local model folder, its digest, its provenance input)."""
+BASE_MODEL_LOADER: BaseModelLoader | None = None
+"""Loads ``from: hf:ORG/NAME@REVISION`` or a local folder; set by the base-model feature."""
 
 
-def _init_from(project_dir: Path, stage: StageName) -> tuple[Path, str, InputRecord]:
-    folder, meta = final_checkpoint(project_dir, stage)
-    record = InputRecord(
-        name=f"{stage}-final",
-        kind="checkpoint",
-        path=_rel(folder, project_dir),
-        digest=meta.checkpoint_digest,
-    )
-    return folder, meta.checkpoint_digest, record
+def _stage_init(
+    params: PipelineParams, stage: StageName, project_dir: Path
+) -> tuple[Path | None, str | None, tuple[InputRecord, ...]]:
+    """The weights ``stage`` starts from (params ``stages[].from``): folder, digest, inputs."""
+    source = params.spec(stage).from_
+    match init_kind(source):
+        case "scratch":
+            return None, None, ()
+        case "stage":
+            folder, meta = final_checkpoint(project_dir, source)
+            record = InputRecord(
+                name=f"{source}-final",
+                kind="checkpoint",
+                path=_rel(folder, project_dir),
+                digest=meta.checkpoint_digest,
+            )
+            return folder, meta.checkpoint_digest, (record,)
+        case _:
+            folder, digest, record = _base_model_loader(params, stage)(source, project_dir)
+            return folder, digest, (record,)
+
+
+def _base_model_loader(params: PipelineParams, stage: StageName) -> BaseModelLoader:
+    if BASE_MODEL_LOADER is None:
+        raise ParamsError(
+            f"stage {stage} starts from {params.spec(stage).from_!r}, but this openrelease cannot "
+            "load base models yet (`from: hf:ORG/NAME@REVISION` or a folder arrives with the "
+            "base-model feature, issue 17); start it from an earlier stage or scratch."
+        )
+    return BASE_MODEL_LOADER
+
+
+def _section(params: PipelineParams, stage: StageName, kind: type[_T]) -> _T:
+    section = params.stage(stage)
+    assert isinstance(section, kind), f"{stage} is not a {kind.__name__} section"
+    return section
 
 
 def _pretrain_setup(
-    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext
+    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    return StageSetup(PackedSource(store), None, None)
+    folder, digest, inputs = _stage_init(params, stage, project_dir)
+    return StageSetup(PackedSource(store), folder, digest, inputs=inputs)
 
 
 def _sft_setup(
-    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext
+    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    folder, digest, init = _init_from(project_dir, INIT_FROM["sft"])
+    folder, digest, inputs = _stage_init(params, stage, project_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = ChatSource(
-        sft_pairs(store.records("sft")), tokenizer=tokenizer, seq_len=params.sft.seq_len
+        sft_pairs(store.records("sft")), tokenizer=tokenizer, seq_len=params.stage(stage).seq_len
     )
-    return StageSetup(source, folder, digest, inputs=(init,))
+    return StageSetup(source, folder, digest, inputs=inputs)
 
 
 def _distill_setup(
-    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext
+    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    folder, digest, init = _init_from(project_dir, INIT_FROM["distill"])
-    out_dir = Workspace(project_dir).stage_dir("distill")
-    teacher = params.distill.teacher
+    folder, digest, init = _stage_init(params, stage, project_dir)
+    section = _section(params, stage, DistillParams)
+    out_dir = Workspace(project_dir).stage_dir(stage)
+    teacher = section.teacher
     # Rank 0 writes the traces (a model teacher generates them) while the others wait.
     distributed.run_on_main(
         ctx, lambda: prepare_traces(teacher, store=store, project_dir=project_dir, out_dir=out_dir)
     )
     record = read_model(out_dir / TEACHER_FILE, TeacherRecord)
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
-    source = ChatSource(distill_pairs(out_dir), tokenizer=tokenizer, seq_len=params.distill.seq_len)
+    source = ChatSource(distill_pairs(out_dir), tokenizer=tokenizer, seq_len=section.seq_len)
     inputs = (
-        init,
+        *init,
         InputRecord(
             name="teacher-traces",
             kind="traces",
@@ -125,32 +167,33 @@ def _distill_setup(
 
 
 def _grpo_setup(
-    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext
+    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    p = params.grpo
+    p = _section(params, stage, GRPOParams)
     if p.seq_len <= p.max_new_tokens:
         raise ParamsError(
-            f"grpo.seq_len {p.seq_len} must exceed grpo.max_new_tokens {p.max_new_tokens}: "
+            f"{stage}.seq_len {p.seq_len} must exceed {stage}.max_new_tokens {p.max_new_tokens}: "
             "prompts get seq_len - max_new_tokens tokens."
         )
-    folder, digest, init = _init_from(project_dir, INIT_FROM["grpo"])
+    folder, digest, init = _stage_init(params, stage, project_dir)
+    assert folder is not None, "params refuse a grpo stage from scratch"
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = PromptSource(
         store.records("grpo"), tokenizer=tokenizer, max_prompt_len=p.seq_len - p.max_new_tokens
     )
     objective = GRPOObjective(p, source=source, tokenizer=tokenizer, reference=folder)
-    reference = init.model_copy(update={"name": "reference", "kind": "reference-checkpoint"})
-    return StageSetup(source, folder, digest, objective, (init, reference))
+    reference = init[0].model_copy(update={"name": "reference", "kind": "reference-checkpoint"})
+    return StageSetup(source, folder, digest, objective, (*init, reference))
 
 
-SetupFn = Callable[[PipelineParams, DataStore, Path, DistContext], StageSetup]
-STAGE_SETUPS: dict[str, SetupFn] = {
+SetupFn = Callable[[PipelineParams, DataStore, Path, DistContext, StageName], StageSetup]
+STAGE_SETUPS: dict[StageKind, SetupFn] = {
     "pretrain": _pretrain_setup,
     "sft": _sft_setup,
     "distill": _distill_setup,
     "grpo": _grpo_setup,
 }
-"""Stage name -> batch source, objective and init checkpoint."""
+"""Stage kind -> batch source, objective and init checkpoint (a kind without one cannot run)."""
 
 
 def stage_params_digest(params: PipelineParams, stage: StageName) -> str:
@@ -230,8 +273,14 @@ def run_stage(
     Raises:
         ParamsError: The stage has no trainer here, or the batch does not split over the ranks.
     """
-    if stage not in STAGE_SETUPS:
-        raise ParamsError(f"stage {stage!r} has no trainer; known: {', '.join(STAGE_SETUPS)}.")
+    kind = params.spec(stage).kind
+    if kind not in STAGE_SETUPS:
+        raise ParamsError(
+            f"stage {stage!r} has kind {kind}, which this openrelease cannot train yet; "
+            f"kinds it trains: {', '.join(STAGE_SETUPS)}."
+        )
+    if init_kind(params.spec(stage).from_) in ("hf", "folder"):
+        _base_model_loader(params, stage)  # fail before any process group or data is opened
     _, world_size, _ = distributed.env_world()
     distributed.check_world(params.stage(stage), name=stage, world_size=world_size)
     workspace = Workspace(project_dir)
@@ -242,7 +291,7 @@ def run_stage(
     for handler in handlers:
         handler.addFilter(log_filter)
     try:
-        setup = STAGE_SETUPS[stage](params, store, project_dir, ctx)
+        setup = STAGE_SETUPS[kind](params, store, project_dir, ctx, stage)
         tok = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
         job = TrainJob(
             stage=stage,
