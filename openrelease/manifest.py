@@ -241,7 +241,7 @@ class DataManifest(Record):
     tokenizer_files: tuple[FileEntry, ...]
     shards: tuple[ShardEntry, ...]
     datasets: dict[str, DatasetEntry]
-    """Per role: pretrain_docs, sft, distill, grpo, eval_text, eval_problems."""
+    """Per role: pretrain_docs, sft, dpo, distill, grpo, eval_text, eval_problems, eval_dpo."""
     sources: tuple[SourceEntry, ...]
     num_pretrain_seqs: int
     num_pretrain_tokens: int

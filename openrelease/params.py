@@ -82,14 +82,15 @@ class SyntheticParams(Params):
 
 
 DataFormat = Literal["jsonl", "text", "parquet", "hf_datasets"]
-DataRole = Literal["pretrain", "sft", "distill", "grpo"]
+DataRole = Literal["pretrain", "sft", "dpo", "distill", "grpo"]
 
 
 class ImportParams(Params):
     """One user data source, hashed on the way in.
 
     Roles and the fields they need: pretrain -> ``text``; sft -> ``prompt``, ``response``;
-    distill -> ``prompt``, ``reasoning``, ``answer``; grpo -> ``prompt``, ``answer``.
+    dpo -> ``prompt``, ``chosen``, ``rejected``; distill -> ``prompt``, ``reasoning``,
+    ``answer``; grpo -> ``prompt``, ``answer``.
     """
 
     format: DataFormat
@@ -294,10 +295,34 @@ class TeacherParams(Params):
 
 
 class DistillParams(TrainStageParams):
-    """SFT on teacher chain-of-thought traces, from the sft stage's final checkpoint."""
+    """SFT on teacher chain-of-thought traces, from the dpo stage's final checkpoint."""
 
     teacher: TeacherParams = TeacherParams()
     """The source of the reasoning traces."""
+
+
+class DPOParams(TrainStageParams):
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs.
+
+    global_batch_size and micro_batch_size count pairs (each pair is two sequences).
+    """
+
+    beta: float = Field(default=0.1, gt=0.0)
+    """Strength of the implicit KL to the reference (the temperature of the implicit reward)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: the DPO loss -log sigmoid(beta x margin); ipo: (margin - 1 / (2 beta))^2 on
+    length-averaged log-probs."""
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    """sigmoid only: assumed share of flipped preference labels (conservative DPO)."""
+    reference: StageName | None = None
+    """Stage whose final checkpoint is the frozen reference; null: the policy's starting weights
+    (the stage dpo starts from)."""
+
+    @model_validator(mode="after")
+    def _check_dpo(self) -> DPOParams:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type sigmoid only")
+        return self  # reference names an earlier stage: PipelineParams checks the graph
 
 
 RewardName = Literal["correctness", "format", "length"]
@@ -336,7 +361,7 @@ class GRPOParams(TrainStageParams):
 KIND_PARAMS: dict[StageKind, type[TrainStageParams]] = {
     "pretrain": PretrainParams,
     "sft": SFTParams,
-    "dpo": TrainStageParams,
+    "dpo": DPOParams,
     "distill": DistillParams,
     "grpo": GRPOParams,
 }
@@ -453,8 +478,10 @@ class LmEvalParams(Params):
 class EvalParams(Params):
     """The eval stage: which tasks, how much, how to generate."""
 
-    tasks: tuple[str, ...] = ("heldout_loss", "arithmetic")
-    """Built-in task names, or paths to JSONL files of {prompt, answer}."""
+    tasks: tuple[str, ...] = ("heldout_loss", "arithmetic", "preference")
+    """Built-in task names (heldout_loss, arithmetic, preference: the share of held-out
+    preference pairs whose chosen response gets the higher log-prob), or paths to JSONL files
+    of {prompt, answer}."""
     max_examples: int = Field(default=64, ge=1)
     """Examples per generative task."""
     max_new_tokens: int = Field(default=48, ge=1)
@@ -563,6 +590,8 @@ class PipelineParams(Params):
     """Pretraining (the section of a stage named pretrain)."""
     sft: SFTParams | None = None
     """Instruction tuning (the section of a stage named sft)."""
+    dpo: DPOParams | None = None
+    """Preference optimisation, DPO or IPO (the section of a stage named dpo)."""
     distill: DistillParams | None = None
     """Chain-of-thought distillation (the section of a stage named distill)."""
     grpo: GRPOParams | None = None
@@ -617,6 +646,16 @@ class PipelineParams(Params):
                 errors = exc.errors()
                 first = _describe_error(errors[0], errors, prefix=f"{spec.name}.")
                 raise ValueError(first) from None
+        for i, spec in enumerate(self.stages):
+            section = sections[spec.name]
+            if isinstance(section, DPOParams) and section.reference is not None:
+                earlier = [s.name for s in self.stages[:i]]
+                if section.reference not in earlier:
+                    raise ValueError(
+                        f"{spec.name}.reference {section.reference!r} is not a stage that runs "
+                        f"before {spec.name}; use one of {earlier or '(none yet)'}, or null for "
+                        "the policy's starting weights"
+                    )
         if extra:
             name = sorted(extra)[0]
             raise ValueError(

@@ -85,7 +85,7 @@ def _siblings(out: Path) -> list[str]:
 def test_bundle_is_mof_class_i_and_verifies(built: tuple[Path, BundleReport]) -> None:
     out, report = built
     assert report.stages == STAGES_RUN
-    assert report.warnings == ("bundling pretrain -> sft; distill, grpo have not run",)
+    assert report.warnings == ("bundling pretrain -> sft; dpo, distill, grpo have not run",)
     assert len(report.components) == 17
     result = audit(str(out))
     assert result.verified is not None and result.claimed is not None

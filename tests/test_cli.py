@@ -29,7 +29,7 @@ def test_unknown_stage_is_one_line_naming_the_stages(project: Path) -> None:
     result = runner.invoke(app, ["data", "batch", "--stage", "nope", "--step", "1"])
     assert result.exit_code == 1
     assert "'nope' is not a training stage" in result.output
-    assert "pretrain, sft, distill, grpo" in result.output
+    assert "pretrain, sft, dpo, distill, grpo" in result.output
 
 
 def test_params_show_json(project: Path) -> None:

@@ -67,7 +67,8 @@ def test_no_overlap_between_train_and_eval(data_dir: Path) -> None:
     eval_prompts = {r["prompt"] for r in store.records("eval_problems")}
     assert eval_texts and eval_prompts
     assert not eval_texts & {r["text"] for r in store.records("pretrain_docs")}
-    for role in ("sft", "distill", "grpo"):
+    eval_prompts |= {r["prompt"] for r in store.records("eval_dpo")}
+    for role in ("sft", "dpo", "distill", "grpo"):
         assert not eval_prompts & {r["prompt"] for r in store.records(role)}
 
 

@@ -26,13 +26,13 @@ def store(data_dir: Path) -> DataStore:
     return DataStore(data_dir)
 
 
-def test_distill_trains_from_sft_on_the_data_traces(
+def test_distill_trains_from_dpo_on_the_data_traces(
     project: Path, tiny_params: PipelineParams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         run_stage(stage, tiny_params, project_dir=project)
         send_stage(project, stage)  # what the launcher's recorder does
     report = run_stage("distill", tiny_params, project_dir=project)
@@ -52,9 +52,9 @@ def test_distill_trains_from_sft_on_the_data_traces(
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in rows)
     manifest = read_model(out / "manifest.json", StageManifest)
-    sft_final = final_checkpoint(project, "sft")[1]
+    dpo_final = final_checkpoint(project, "dpo")[1]
     assert [c.step for c in manifest.checkpoints] == [2, 4]
-    assert manifest.checkpoints[0].parent_digest == sft_final.checkpoint_digest
+    assert manifest.checkpoints[0].parent_digest == dpo_final.checkpoint_digest
 
     record = read_model(out / "record.json", StageRecord)
     assert record.status == "FINISHED"
@@ -64,9 +64,9 @@ def test_distill_trains_from_sft_on_the_data_traces(
     inputs = {i.name: i.digest for i in record.inputs}
     assert inputs["teacher-traces"] == teacher.traces_sha256
     assert inputs["teacher"] == teacher.teacher_sha256
-    assert inputs["sft-final"] == sft_final.checkpoint_digest
-    sft_record = read_model(project / "artifacts/sft/record.json", StageRecord)
-    assert record.parent_run_id == sft_record.parent_run_id is not None  # one pipeline run
+    assert inputs["dpo-final"] == dpo_final.checkpoint_digest
+    dpo_record = read_model(project / "artifacts/dpo/record.json", StageRecord)
+    assert record.parent_run_id == dpo_record.parent_run_id is not None  # one pipeline run
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(str(record.run_id))
     assert run.info.status == "FINISHED"
@@ -77,7 +77,7 @@ def test_distill_trains_from_sft_on_the_data_traces(
         4,
     ]
     nodes = lineage(project, str(out / "checkpoints/step-4")).nodes
-    assert [n.name for n in nodes if n.kind == "stage"] == ["pretrain", "sft", "distill"]
+    assert [n.name for n in nodes if n.kind == "stage"] == ["pretrain", "sft", "dpo", "distill"]
 
     # A rerun finds the final state: no work, the same record.
     again = run_stage("distill", tiny_params, project_dir=project)

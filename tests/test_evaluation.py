@@ -92,7 +92,10 @@ def test_eval_all_checkpoints_then_rerun_is_a_noop(
         "heldout_ppl",
         "arithmetic_exact_match",
         "arithmetic_format_rate",
+        "heldout_preference_accuracy",
+        "heldout_preference_margin",
     }
+    assert 0.0 <= result.metrics["heldout_preference_accuracy"] <= 1.0
     # A random 320-token model is close to uniform: loss near ln(320) = 5.77.
     assert 4.5 < result.metrics["heldout_loss"] < 7.5
     assert 0.0 <= result.metrics["arithmetic_exact_match"] <= 1.0
@@ -142,3 +145,33 @@ def test_response_text_keeps_think_tags_and_stops_at_eos(data_dir: Path) -> None
     text = _response_text(tok, ids)
     assert text.startswith("<think>") and "junk" not in text
     assert has_reasoning_format(text)
+
+
+def test_preference_scores_the_pairs_as_the_dpo_stage_encodes_them(
+    project: Path, tiny_params: PipelineParams
+) -> None:
+    """Eval's batched, reference-free score equals the trainer's log-probs on the same pairs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrelease.data.store import DataStore
+    from openrelease.eval.stage import _preference
+    from openrelease.train.dpo import PairSource, sequence_logprobs
+
+    _fake_stage(project, tiny_params, "dpo", [2])
+    ckpt = project / "artifacts/dpo/checkpoints/step-2"
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt, padding_side="left")
+    store = DataStore(project / "artifacts/data")
+    got = _preference(model, tok, store, limit=20)
+
+    pairs = store.records("eval_dpo")[:20]
+    source = PairSource(pairs, tokenizer=tok, seq_len=10_000)
+    diffs = []
+    with torch.no_grad():
+        for mb in source.micro_batches(list(range(len(pairs))), micro_batch_size=5):
+            logp, _ = sequence_logprobs(model, mb, device=torch.device("cpu"))
+            diffs += (logp[:5] - logp[5:]).tolist()
+    assert got["heldout_preference_accuracy"] == sum(d > 0 for d in diffs) / len(pairs)
+    assert got["heldout_preference_margin"] == pytest.approx(sum(diffs) / len(pairs), abs=1e-4)
+    assert 0.0 < got["heldout_preference_accuracy"] < 1.0  # a random model wins some, loses some

@@ -55,7 +55,7 @@ def variety(text: str, answer: str, num_tokens: int) -> float:
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> Path:
-    """A project that ran pretrain, sft and distill (1 process), with a grpo section to test."""
+    """A project that ran pretrain, sft, dpo and distill (1 process), with a grpo section."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("grpo")
@@ -76,7 +76,7 @@ def distilled(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> 
     params = load_params(project / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for stage in ("pretrain", "sft", "distill"):
+        for stage in ("pretrain", "sft", "dpo", "distill"):
             assert not run_stage(stage, params, project_dir=project).interrupted
     return project
 

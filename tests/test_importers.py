@@ -107,3 +107,37 @@ def test_failed_build_leaves_previous_output_intact(
         build_data(data, seed=tiny_params.seed, project_dir=tmp_path)
     assert (tmp_path / "artifacts/data/manifest.json").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["data"]
+
+
+def _pairs(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"Pick {i}", "chosen": f"{i}.", "rejected": f"{i + 1}."} for i in range(n)]
+
+
+def test_dpo_pairs_from_jsonl_parquet_and_hf_datasets(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    datasets = pytest.importorskip("datasets")
+    rows = _pairs(3)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "pds"))
+    for path, fmt in (("p.jsonl", "jsonl"), ("p.parquet", "parquet"), ("pds", "hf_datasets")):
+        src = read_source(_spec(path, fmt, "dpo"), project_dir=tmp_path)
+        assert src.records == rows, fmt
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'rejected' needed by role"):
+        read_source(_spec("bad.jsonl", "jsonl", "dpo"), project_dir=tmp_path)
+
+
+def test_imported_pairs_hold_out_an_eval_share(tmp_path: Path, tiny_params: PipelineParams) -> None:
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(40)))
+    data = tiny_params.data.model_copy(
+        update={"imports": (_spec("pairs.jsonl", "jsonl", "dpo"),), "eval_fraction": 0.1}
+    )
+    build_data(data, seed=tiny_params.seed, project_dir=tmp_path)
+    store = DataStore(tmp_path / "artifacts/data")
+    mine = [r for r in store.records("dpo") if r["source"] == "pairs.jsonl"]
+    held = [r for r in store.records("eval_dpo") if r["source"] == "pairs.jsonl"]
+    assert (len(mine), len(held)) == (36, 4)
+    assert not {r["prompt"] for r in mine} & {r["prompt"] for r in held}

@@ -40,7 +40,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, built_project: Path) -> Pa
     params = load_params(project / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-        for stage in ("pretrain", "sft", "distill", "grpo"):
+        for stage in ("pretrain", "sft", "dpo", "distill", "grpo"):
             assert not run_stage(stage, params, project_dir=project).interrupted
         run_eval_stage(params, project_dir=project)
     return project
@@ -142,6 +142,7 @@ def test_certificate_goes_into_the_bundle_and_a_bundle_replays(ws: Path, tmp_pat
     assert spans == [
         ("pretrain", 6, 8, True),
         ("sft", 2, 4, True),
+        ("dpo", 2, 4, True),
         ("distill", 2, 4, True),
         ("grpo", 2, 4, True),
     ]

@@ -29,7 +29,9 @@ def _with_stages(stages: list[dict[str, str]], **sections: dict[str, Any]) -> di
 
 
 def test_params_without_stages_keep_the_old_chain() -> None:
-    params = load_params(TEST_PARAMS)
+    raw = _raw()
+    del raw["stages"], raw["dpo"]  # a params file written before the stage graph
+    params = validate_params(raw, source="old.yaml")
     assert params.train_stages == STAGES
     assert [(s.kind, s.from_) for s in params.stages] == [
         ("pretrain", "scratch"),

@@ -18,6 +18,7 @@ from openrelease.safeio import no_duplicate_keys
 ROLE_FIELDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("text",),
     "sft": ("prompt", "response"),
+    "dpo": ("prompt", "chosen", "rejected"),
     "distill": ("prompt", "reasoning", "answer"),
     "grpo": ("prompt", "answer"),
 }

@@ -12,7 +12,7 @@ from openrelease.data.store import DataStore
 from openrelease.errors import DataError
 from openrelease.params import PipelineParams, StageName
 
-_RECORD_TEXT_FIELDS = ("prompt", "response", "reasoning", "answer")
+_RECORD_TEXT_FIELDS = ("prompt", "response", "chosen", "rejected", "reasoning", "answer")
 
 
 class Sample(BaseModel):
@@ -113,7 +113,7 @@ def batch_at(
 
 
 def _matching_ids(store: DataStore, *, doc_id: str | None, text: str | None) -> list[str]:
-    roles = ["pretrain_docs", "sft", "distill", "grpo"]
+    roles = ["pretrain_docs", "sft", "dpo", "distill", "grpo"]
     found = []
     for role in roles:
         for record in store.records(role):

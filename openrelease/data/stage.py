@@ -86,6 +86,12 @@ def _add_synthetic(corpus: _Corpus, params: DataParams, seed: int) -> None:
             for r in rest[:n_sft]
         ],
     )
+    # Preference pairs reuse the sft problems with worked answers: a correct one over a wrong one.
+    sft_problems = problems[p_eval : p_eval + n_sft]
+    corpus.add("dpo", _pair_rows(synthetic.preference_pairs(seed, sft_problems, label="train")))
+    corpus.add(
+        "eval_dpo", _pair_rows(synthetic.preference_pairs(seed, problems[:p_eval], label="eval"))
+    )
     corpus.add("distill", rest[n_sft : n_sft + n_distill])
     corpus.add(
         "grpo",
@@ -106,11 +112,25 @@ def _add_synthetic(corpus: _Corpus, params: DataParams, seed: int) -> None:
     )
 
 
+def _pair_rows(pairs: list[synthetic.PreferencePair]) -> list[dict[str, str]]:
+    return [
+        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": "synthetic"}
+        for p in pairs
+    ]
+
+
 def _add_imports(corpus: _Corpus, params: DataParams, project_dir: Path) -> None:
     for spec in params.imports:
         source = read_source(spec, project_dir=project_dir)
         role = "pretrain_docs" if spec.role == "pretrain" else spec.role
-        corpus.add(role, [{**r, "source": spec.path} for r in source.records])
+        records = [{**r, "source": spec.path} for r in source.records]
+        if spec.role == "dpo":
+            # Imported pairs are the only preference data a real recipe has: hold out a share
+            # for the eval stage's preference accuracy.
+            n_eval = _eval_take(len(records), params.eval_fraction)
+            corpus.add("eval_dpo", records[:n_eval])
+            records = records[n_eval:]
+        corpus.add(role, records)
         corpus.sources.append(
             SourceEntry(
                 name=Path(spec.path).name,
@@ -126,9 +146,11 @@ def _drop_eval_overlap(corpus: _Corpus) -> None:
     """Remove training items whose normalised text equals a held-out item (checked by hash)."""
     held_out = {_text_key(r["text"]) for r in corpus.roles.get("eval_text", [])}
     held_out |= {_text_key(r["prompt"]) for r in corpus.roles.get("eval_problems", [])}
+    held_out |= {_text_key(r["prompt"]) for r in corpus.roles.get("eval_dpo", [])}
     for role, key_field in (
         ("pretrain_docs", "text"),
         ("sft", "prompt"),
+        ("dpo", "prompt"),
         ("distill", "prompt"),
         ("grpo", "prompt"),
     ):
@@ -149,6 +171,8 @@ def _training_texts(corpus: _Corpus) -> list[str]:
     texts = [r["text"] for r in corpus.roles.get("pretrain_docs", [])]
     for r in corpus.roles.get("sft", []):
         texts += [r["prompt"], r["response"]]
+    for r in corpus.roles.get("dpo", []):
+        texts += [r["prompt"], r["chosen"], r["rejected"]]
     for r in corpus.roles.get("distill", []):
         texts += [r["prompt"], format_reasoning(r["reasoning"], r["answer"])]
     texts += [r["prompt"] for r in corpus.roles.get("grpo", [])]
@@ -265,11 +289,9 @@ def _write_outputs(
     packed = _pack(docs, token_ids, seq_len=params.seq_len, bos_id=bos_id, eos_id=eos_id)
     shards = _write_shards(packed, out_dir, seqs_per_shard=params.seqs_per_shard)
     datasets = {"pretrain_docs": _write_jsonl(out_dir / "pretrain_docs.jsonl", docs)}
-    for role in ("sft", "distill", "grpo", "eval_text", "eval_problems"):
-        prefix = "eval" if role.startswith("eval") else role
-        records = _with_ids(
-            prefix if role != "eval_problems" else "evalp", corpus.roles.get(role, [])
-        )
+    id_prefixes = {"eval_text": "eval", "eval_problems": "evalp", "eval_dpo": "evald"}
+    for role in ("sft", "dpo", "distill", "grpo", "eval_text", "eval_problems", "eval_dpo"):
+        records = _with_ids(id_prefixes.get(role, role), corpus.roles.get(role, []))
         datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", records)
     tok_files = hash_folder(out_dir / "tokenizer")
     body = {

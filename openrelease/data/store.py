@@ -13,7 +13,7 @@ from openrelease.layout import STAGE_MANIFEST
 from openrelease.manifest import DataManifest, DatasetEntry, read_model
 from openrelease.safeio import no_duplicate_keys
 
-RECORD_ROLES = ("sft", "distill", "grpo")
+RECORD_ROLES = ("sft", "dpo", "distill", "grpo")
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -68,7 +68,7 @@ class DataStore:
         raise IndexError("shards are shorter than the manifest says")
 
     def records(self, role: str) -> list[dict[str, str]]:
-        """The records of ``role`` (sft, distill, grpo, pretrain_docs, eval_text, eval_problems)."""
+        """The records of ``role`` (sft, dpo, distill, grpo, pretrain_docs, eval_*)."""
         if role not in self._records:
             self._records[role] = read_jsonl(self.data_dir / self._dataset_entry(role).path)
         return self._records[role]

@@ -1,4 +1,4 @@
-"""Deterministic synthetic corpus: seeded prose stories and arithmetic word problems.
+"""Deterministic synthetic corpus: seeded prose stories, arithmetic problems, preference pairs.
 
 Everything here is a pure function of the seed; no randomness comes from the environment.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+
+from openrelease.data.tasks import format_reasoning
 
 NAMES = (
     "Ada",
@@ -171,3 +173,36 @@ def generate_problems(seed: int, count: int, *, max_operand: int) -> list[Proble
             seen.add(problem.prompt)
             problems.append(problem)
     return problems
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference pair: the same prompt with a preferred and a dispreferred response."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def _wrong_answer(rng: random.Random, answer: int) -> int:
+    """A plausible wrong result: off by 1 to 3 (never negative when the answer is not)."""
+    offsets = [d for d in (-3, -2, -1, 1, 2, 3) if answer + d >= 0 or answer < 0]
+    return answer + rng.choice(offsets)
+
+
+def preference_pairs(seed: int, problems: list[Problem], *, label: str) -> list[PreferencePair]:
+    """One pair per problem: its correct worked answer (chosen) and an incorrect one (rejected).
+
+    The incorrect answer repeats the correct worked solution but concludes with a wrong answer
+    (off by 1 to 3), so the two responses differ only in the final answer: preferring the chosen
+    one means answering what the work shows. Seeded by ``seed`` and ``label``.
+    """
+    rng = _rng(seed, f"preference:{label}")
+    return [
+        PreferencePair(
+            prompt=p.prompt,
+            chosen=format_reasoning(p.reasoning, p.answer),
+            rejected=format_reasoning(p.reasoning, _wrong_answer(rng, p.answer)),
+        )
+        for p in problems
+    ]

@@ -16,7 +16,13 @@ from openrelease.manifest import EvalResult, validate_model, write_bytes_atomic
 from openrelease.params import STAGES
 from openrelease.safeio import loads_json, read_regular
 
-_STAGE_COLORS = {"pretrain": "#1f77b4", "sft": "#ff7f0e", "distill": "#2ca02c", "grpo": "#d62728"}
+_STAGE_COLORS = {
+    "pretrain": "#1f77b4",
+    "sft": "#ff7f0e",
+    "dpo": "#9467bd",
+    "distill": "#2ca02c",
+    "grpo": "#d62728",
+}
 
 
 MAX_METRICS_BYTES = 256 << 20

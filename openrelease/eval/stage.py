@@ -76,7 +76,7 @@ def _task_problems(
         if not path.is_file():
             raise ParamsError(
                 f"eval.tasks: {task!r} is neither a built-in task "
-                "(heldout_loss, arithmetic) nor a JSONL file of {prompt, answer}."
+                "(heldout_loss, arithmetic, preference) nor a JSONL file of {prompt, answer}."
             )
         rows = read_jsonl(path)
         for i, row in enumerate(rows, start=1):
@@ -109,6 +109,55 @@ def _heldout_loss(model: Any, store: DataStore, *, limit: int) -> dict[str, floa
             count += tokens
     mean = total / count
     return {"heldout_loss": mean, "heldout_ppl": math.exp(min(mean, 50.0))}
+
+
+def _preference(model: Any, tokenizer: Any, store: DataStore, *, limit: int) -> dict[str, float]:
+    """Held-out preference pairs: how often the chosen response gets the higher log-prob.
+
+    Reference-free (summed log-probs of each response given the prompt, in the chat format
+    the dpo stage trains on), so every stage's checkpoints compare on one scale.
+    """
+    import torch
+
+    from openrelease.data.tokenizer import ASSISTANT, EOS, USER
+
+    if "eval_dpo" not in store.manifest.datasets:
+        return {}  # data built before preference pairs existed
+    rows = store.records("eval_dpo")[:limit]
+    if not rows:
+        return {}
+
+    diffs: list[float] = []
+    for start in range(0, len(rows), 16):
+        chunk = rows[start : start + 16]
+        heads = [
+            tokenizer.encode(f"{USER}{r['prompt']}{ASSISTANT}", add_special_tokens=False)
+            for r in chunk
+        ]
+        tails = [
+            tokenizer.encode(f"{r[field]}{EOS}", add_special_tokens=False)
+            for field in ("chosen", "rejected")
+            for r in chunk
+        ]
+        seqs = [h + t for h, t in zip(heads + heads, tails, strict=True)]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), int(tokenizer.pad_token_id))
+        mask = torch.zeros_like(ids)
+        scored = torch.zeros_like(ids, dtype=torch.bool)  # the response tokens (targets)
+        for i, (seq, head) in enumerate(zip(seqs, heads + heads, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            scored[i, len(head) : len(seq)] = True
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        token_logp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].unsqueeze(2))
+        logp = (token_logp.squeeze(2) * scored[:, 1:]).sum(dim=1)
+        diffs += (logp[: len(chunk)] - logp[len(chunk) :]).tolist()
+    wins, margin = sum(d > 0 for d in diffs), sum(diffs)
+    return {
+        "heldout_preference_accuracy": wins / len(rows),
+        "heldout_preference_margin": margin / len(rows),
+    }
 
 
 def _fast_tokenizer(tokenizer_dir: Path) -> Any:
@@ -203,6 +252,8 @@ def evaluate_checkpoint(
     for task in params.tasks:
         if task == "heldout_loss":
             metrics |= _heldout_loss(model, store, limit=params.max_examples)
+        elif task == "preference":
+            metrics |= _preference(model, tokenizer, store, limit=params.max_examples)
         else:
             rows = _task_problems(task, store, project_dir, params.max_examples)
             metrics |= _generative_metrics(

@@ -204,6 +204,7 @@ def component_licenses(params: PipelineParams) -> dict[str, str]:
 _STAGE_PHRASES = {
     "pretrain": "pretraining",
     "sft": "supervised instruction tuning",
+    "dpo": "direct preference optimisation",
     "distill": "chain-of-thought distillation",
     "grpo": "GRPO reinforcement learning with verifiable rewards",
 }

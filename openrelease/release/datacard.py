@@ -84,10 +84,12 @@ HF_LICENSE_IDS = {
 ROLE_DESCRIPTIONS = {
     "pretrain_docs": "Pretraining documents (before tokenization and packing).",
     "sft": "Instruction-tuning chat pairs (prompt, response).",
+    "dpo": "Preference pairs for DPO (prompt, chosen, rejected).",
     "distill": "Chain-of-thought traces for distillation (prompt, reasoning, answer).",
     "grpo": "Prompts with verifiable answers for GRPO reinforcement learning.",
     "eval_text": "Held-out documents for the held-out loss (never trained on).",
     "eval_problems": "Held-out problems with reference answers (never trained on).",
+    "eval_dpo": "Held-out preference pairs for the preference accuracy (never trained on).",
 }
 
 

@@ -55,7 +55,7 @@ from openrelease.manifest import (
     read_model,
 )
 from openrelease.secrets import ALLOWABLE, AllowRules, scan_files
-from openrelease.verify.bundle import load_bundle_manifest, verify_bundle
+from openrelease.verify.bundle import load_bundle_manifest, stage_key, verify_bundle
 from openrelease.verify.hub import HUB_ERRORS, checkpoint_branch, describe_hub_error
 from openrelease.verify.untrusted import read_capped, unsafe_path_reason
 
@@ -325,7 +325,7 @@ def plan_targets(
             stage, step = match["stage"], int(match["step"])
             name = checkpoint_branch(stage, step, names)
             target = branches.setdefault(name, _Target(repo_id, "model", name))
-            order[name] = (_STAGE_ORDER.get(stage, len(_STAGE_ORDER)), stage, step)
+            order[name] = (*stage_key(stage), step)
             _add(target, replace(item, path_in_repo=match["rest"]), rel)
             if match["rest"] == CHECKPOINT_META:
                 metas[name] = local
@@ -346,9 +346,6 @@ def plan_targets(
         target.items.setdefault("README.md", readme)
     ordered = [branches[k] for k in sorted(branches, key=order.__getitem__)]
     return [*ordered, main, *([data] if data.items else [])]
-
-
-_STAGE_ORDER = {"pretrain": 0, "sft": 1, "distill": 2, "grpo": 3}
 
 
 def recorded_branches(bundle_dir: Path) -> dict[str, str]:

@@ -23,6 +23,7 @@ from openrelease.layout import STAGE_MANIFEST, Workspace
 from openrelease.manifest import InputRecord, read_model
 from openrelease.params import (
     DistillParams,
+    DPOParams,
     GRPOParams,
     PipelineParams,
     StageKind,
@@ -42,6 +43,7 @@ from openrelease.train.distill import (
     prepare_traces,
 )
 from openrelease.train.distributed import DistContext
+from openrelease.train.dpo import DPOObjective, PairSource
 from openrelease.train.grpo import GRPOObjective, PromptSource
 from openrelease.train.job import BatchSource, Objective, TrainJob
 from openrelease.train.loop import TrainReport, run_training
@@ -134,6 +136,35 @@ def _sft_setup(
     return StageSetup(source, folder, digest, inputs=inputs)
 
 
+def _dpo_setup(
+    params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
+) -> StageSetup:
+    p = _section(params, stage, DPOParams)
+    folder, digest, init = _stage_init(params, stage, project_dir)
+    assert folder is not None, "params refuse a dpo stage from scratch"
+    pairs = store.records("dpo")
+    if not pairs:
+        raise ParamsError(
+            f"the data has no preference pairs for {stage}; add data.imports with role dpo "
+            "or synthetic problems (data.synthetic.num_problems)."
+        )
+    if p.reference is None:  # the policy's starting weights
+        ref_folder, ref = folder, init[0]
+    else:  # params check it is an earlier stage
+        ref_folder, meta = final_checkpoint(project_dir, p.reference)
+        ref = InputRecord(
+            name=f"{p.reference}-final",
+            kind="checkpoint",
+            path=_rel(ref_folder, project_dir),
+            digest=meta.checkpoint_digest,
+        )
+    reference = ref.model_copy(update={"name": "reference", "kind": "reference-checkpoint"})
+    tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
+    source = PairSource(pairs, tokenizer=tokenizer, seq_len=p.seq_len)
+    objective = DPOObjective(p, source=source, reference=ref_folder)
+    return StageSetup(source, folder, digest, objective, (*init, reference))
+
+
 def _distill_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
@@ -190,6 +221,7 @@ SetupFn = Callable[[PipelineParams, DataStore, Path, DistContext, StageName], St
 STAGE_SETUPS: dict[StageKind, SetupFn] = {
     "pretrain": _pretrain_setup,
     "sft": _sft_setup,
+    "dpo": _dpo_setup,
     "distill": _distill_setup,
     "grpo": _grpo_setup,
 }

@@ -42,7 +42,8 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_TOKENIZER_BYTES = 512 << 20
 MAX_YAML_BYTES = 4 << 20
 MAX_YAML_NODES = 100_000
-STAGE_ORDER = ("pretrain", "sft", "distill", "grpo")
+STAGE_ORDER = ("pretrain", "sft", "dpo", "distill", "grpo")
+"""The default chain's order; stages of other names sort after it, by name."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".distcp", ".npz")
 PICKLE_NAMES = frozenset({".metadata"})
 """torch.distributed.checkpoint's (pickled) metadata file."""
@@ -323,7 +324,8 @@ def _check_meta_files(view: CheckpointView, meta: CheckpointMeta, report: Verify
         )
 
 
-def _stage_key(stage: str) -> tuple[int, str]:
+def stage_key(stage: str) -> tuple[int, str]:
+    """Sort key of a stage name: the default chain's order, then other names alphabetically."""
     return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
 
 
@@ -347,7 +349,7 @@ def _check_parent(
         )
     elif prev.stage != view.stage and (
         parent is None
-        or (parent in stage_of and _stage_key(stage_of[parent]) >= _stage_key(view.stage))
+        or (parent in stage_of and stage_key(stage_of[parent]) >= stage_key(view.stage))
     ):
         report.add(
             "parent_chain",
@@ -408,7 +410,7 @@ def _check_chain(views: list[CheckpointView], report: VerifyReport) -> None:
 
 def check_lineage(views: list[CheckpointView], report: VerifyReport) -> None:
     """Check each checkpoint against its meta.json, the parent chain, and duplicate weights."""
-    views = sorted(views, key=lambda v: (_stage_key(v.stage), v.step))
+    views = sorted(views, key=lambda v: (stage_key(v.stage), v.step))
     _check_chain(views, report)
     stage_of = {v.meta.checkpoint_digest: v.stage for v in views if v.meta is not None}
     by_weights: dict[tuple[tuple[str, str | None], ...], str] = {}
@@ -468,7 +470,7 @@ def _check_final_model(
     """model/ must hold the final checkpoint's files, byte for byte."""
     if not views:
         return
-    final = max(views, key=lambda v: (_stage_key(v.stage), v.step))
+    final = max(views, key=lambda v: (stage_key(v.stage), v.step))
     for path, (_, digest) in sorted(final.files.items()):
         rel = f"{BundleSection.MODEL}/{path}"
         if rel not in digests:

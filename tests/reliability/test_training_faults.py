@@ -6,7 +6,7 @@ process at one exact point (inside a step's update, mid-write of a release check
 training state, between two sampled tokens of a GRPO rollout, ...) and writes a marker file;
 the test then kills it by PID. The points are drawn from a seeded RNG (`kill_plan`), so a
 failure names a point that reproduces. The reference bytes come from one uninterrupted run of
-all four stages; every killed stage, resumed by a second CLI run, must end with the same
+all five stages; every killed stage, resumed by a second CLI run, must end with the same
 checkpoint digests.
 """
 
@@ -45,13 +45,13 @@ from openrelease.train import rl, run_stage
 pytestmark = pytest.mark.reliability  # tests/reliability/conftest.py adds it too
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STAGES: tuple[StageName, ...] = ("pretrain", "sft", "distill", "grpo")
+STAGES: tuple[StageName, ...] = ("pretrain", "sft", "dpo", "distill", "grpo")
 SEED = 20261126
-SLOTS = {"pretrain": 3, "sft": 2, "distill": 2, "grpo": 3}
-"""Kill points per stage (10 in all)."""
-NUM_STEPS = {"pretrain": 8, "sft": 4, "distill": 4, "grpo": 4}
-CHECKPOINT_EVERY = {"pretrain": 4, "sft": 2, "distill": 2, "grpo": 2}
-STATE_EVERY = {"pretrain": 2, "sft": 1, "distill": 1, "grpo": 1}
+SLOTS = {"pretrain": 3, "sft": 2, "dpo": 2, "distill": 2, "grpo": 3}
+"""Kill points per stage (12 in all)."""
+NUM_STEPS = {"pretrain": 8, "sft": 4, "dpo": 4, "distill": 4, "grpo": 4}
+CHECKPOINT_EVERY = {"pretrain": 4, "sft": 2, "dpo": 2, "distill": 2, "grpo": 2}
+STATE_EVERY = {"pretrain": 2, "sft": 1, "dpo": 1, "distill": 1, "grpo": 1}
 MAX_NEW_TOKENS = 8
 WAIT_S = 240.0
 
@@ -171,7 +171,7 @@ def kill_plan(seed: int = SEED) -> list[KillPoint]:
 
 def test_kill_plan_covers_every_stage_and_the_risky_moments() -> None:
     plan = kill_plan()
-    assert len(set(plan)) == 10
+    assert len(set(plan)) == 12
     assert {p.stage for p in plan} == set(STAGES)
     phases = {p.phase for p in plan}
     assert {"release-write", "state-write", "generate"} <= phases, plan
@@ -215,7 +215,7 @@ def hook_dir(base: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(base: Path) -> Path:
-    """All four stages run once, uninterrupted (in this process)."""
+    """All five stages run once, uninterrupted (in this process)."""
     ref = base.parent / "reference"
     shutil.copytree(base, ref)
     params = load_params(ref / "params.yaml")
@@ -305,7 +305,7 @@ def _latest_state_step(project: Path, stage: str) -> int:
     return 0 if state is None else int(read_json(state / STATE_FILE)["step"])
 
 
-# --------------------------------------------------------------------------- SIGKILL x 10
+# --------------------------------------------------------------------------- SIGKILL x 12
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ def _kill_and_resume(
 
 
 @pytest.mark.slow
-def test_sigkill_at_ten_points_then_resume_gives_the_reference_bytes(
+def test_sigkill_at_twelve_points_then_resume_gives_the_reference_bytes(
     base: Path, reference: Path, hook_dir: Path, tmp_path: Path
 ) -> None:
     plan = kill_plan()
