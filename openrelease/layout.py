@@ -52,6 +52,8 @@ DATASET_CARD = "data/README.md"
 dataset repo's root."""
 ALLOWED_SECRETS = "allowed_secrets.json"
 """At a bundle's root: the secret-like matches it carries on purpose (test fixtures)."""
+HUB_CACHE = ".openrelease/hub"
+"""Files fetched from the Hugging Face Hub, one folder per repo commit (checked on every use)."""
 DATA_POINTERS = "pointers.json"
 """In a bundle's ``data/``: the URL and sha256 of each data file the bundle does not carry."""
 
@@ -226,6 +228,10 @@ class Workspace:
     def audit(self) -> Path:
         """``audit.json``: the audit report of ``release/``."""
         return self.root / AUDIT
+
+    def hub_snapshot(self, repo_type: str, repo: str, commit: str) -> Path:
+        """``.openrelease/hub/<type>s/<ORG>/<NAME>/<commit>``: one Hub commit's fetched files."""
+        return self.root / HUB_CACHE / f"{repo_type}s" / repo / commit
 
 
 # --------------------------------------------------------------------------- bundle

@@ -105,6 +105,38 @@ class FileEntry(Record):
     sha256: str
 
 
+class PinnedSource(Record):
+    """A model, tokenizer or dataset taken from the Hugging Face Hub (or a local folder).
+
+    Pinned by content: the commit a revision resolved to and the sha256 of every file used,
+    each checked against the Hub's own digests (LFS sha256, git blob sha1) before use.
+    """
+
+    kind: Literal["hf", "local"]
+    repo: str
+    """``ORG/NAME`` on the Hub, or the folder path relative to the project (kind local)."""
+    repo_type: Literal["model", "dataset"] = "model"
+    revision: str | None
+    """The revision asked for: a commit sha, or a branch/tag when floating was allowed."""
+    commit: str | None
+    """The commit sha the revision resolved to (kind hf)."""
+    files: tuple[FileEntry, ...]
+    """Every file used, with its sha256."""
+    digest: str
+    """sha256_tree over ``files``: the identity of what was used."""
+    license: str | None = None
+    """The source's license tag (the Hub card's ``license`` or the params), when known."""
+
+    @property
+    def uri(self) -> str:
+        """``hf:ORG/NAME@SHA`` (or the local folder path): how records name the source."""
+        return f"hf:{self.repo}@{self.commit}" if self.kind == "hf" else self.repo
+
+
+BASE_MODEL_RELATION = "finetune"
+"""A Hub card's ``base_model_relation`` for a model trained from a base: every weight trained."""
+
+
 class CheckpointFacts(Record):
     """What the trainer knows about a release checkpoint besides its files."""
 
@@ -121,6 +153,9 @@ class CheckpointFacts(Record):
     parent_digest: str | None
     """``checkpoint_digest`` of the previous checkpoint (or of the init checkpoint); null at
     the very start of pretraining."""
+    base_model: PinnedSource | None = None
+    """The existing model this checkpoint's chain started from (a stage's ``from:
+    hf:ORG/NAME@REVISION`` or folder); null when the chain started from random weights."""
 
 
 class CheckpointMeta(CheckpointFacts):
@@ -226,6 +261,10 @@ class SourceEntry(Record):
     path: str | None
     sha256: str
     num_records: int
+    license: str | None = None
+    """The source's license tag (Hub datasets: the params or the dataset card), when known."""
+    pinned: PinnedSource | None = None
+    """Hub datasets: the repo, commit and every file read, with digests."""
 
 
 class DataManifest(Record):
@@ -239,12 +278,17 @@ class DataManifest(Record):
     tokenizer_sha256: str
     """sha256_tree of the tokenizer folder."""
     tokenizer_files: tuple[FileEntry, ...]
+    tokenizer_source: PinnedSource | None = None
+    """Where the tokenizer came from (``data.tokenizer.from``); null: trained BPE."""
     shards: tuple[ShardEntry, ...]
     datasets: dict[str, DatasetEntry]
     """Per role: pretrain_docs, sft, dpo, distill, grpo, eval_text, eval_problems, eval_dpo."""
     sources: tuple[SourceEntry, ...]
     num_pretrain_seqs: int
     num_pretrain_tokens: int
+    order_algorithm: str = "permutation-v0"
+    """The data order algorithm the trainer must use (openrelease.data.order); manifests from
+    before it was recorded used a materialised numpy permutation per epoch."""
     data_digest: str
     """Digest over everything above: the identity of this data, keying the data order."""
 

@@ -66,6 +66,35 @@ def _inside_project(path: str) -> str:
 ProjectPath = Annotated[str, AfterValidator(_inside_project)]
 """A file or folder path relative to the project root, kept inside the project."""
 
+_HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def _hub_or_folder(spec: str) -> str:
+    """``hf:ORG/NAME@REVISION`` (a Hub repo at a revision) or a project-relative folder."""
+    if not spec.startswith("hf:"):
+        return _inside_project(spec)
+    repo, sep, revision = spec[3:].partition("@")
+    if not _HUB_REPO.fullmatch(repo) or not sep or not revision.strip():
+        raise ValueError("must be hf:ORG/NAME@REVISION (a commit sha) or a folder in the project")
+    return spec
+
+
+HubOrFolder = Annotated[str, AfterValidator(_hub_or_folder)]
+"""``hf:ORG/NAME@REVISION`` or a folder path relative to the project root."""
+
+
+def check_pinned(spec: str | None, *, allow_floating: bool, key: str) -> None:
+    """Refuse a Hub revision that is a branch or tag (it can move) unless ``allow_floating``."""
+    if spec is None or not spec.startswith("hf:") or allow_floating:
+        return
+    revision = spec.partition("@")[2]
+    if not _COMMIT_SHA.fullmatch(revision):
+        raise ValueError(
+            f"{key} revision {revision!r} is a branch or tag, which can move; pin its 40-hex "
+            "commit sha, or set allow_floating_revision: true to record the commit it resolves to"
+        )
+
 
 # --------------------------------------------------------------------------- data
 
@@ -81,7 +110,7 @@ class SyntheticParams(Params):
     """Largest operand in generated arithmetic problems."""
 
 
-DataFormat = Literal["jsonl", "text", "parquet", "hf_datasets"]
+DataFormat = Literal["jsonl", "text", "parquet", "hf_datasets", "hub"]
 DataRole = Literal["pretrain", "sft", "dpo", "distill", "grpo"]
 
 
@@ -94,14 +123,79 @@ class ImportParams(Params):
     """
 
     format: DataFormat
-    """File format: jsonl, text (one document per blank-line-separated block), parquet, or a
-    local Hugging Face ``datasets`` folder written by ``save_to_disk``."""
-    path: ProjectPath
-    """Path to the file or folder, relative to the project root (inside the project)."""
+    """File format: jsonl, text (one document per blank-line-separated block), parquet, a
+    local Hugging Face ``datasets`` folder written by ``save_to_disk``, or ``hub``: a dataset
+    repo on the Hugging Face Hub (its Parquet files) pinned to a commit."""
+    path: ProjectPath | None = None
+    """Path to the file or folder, relative to the project root (every format but hub)."""
     role: DataRole
     """Which stage's dataset the records join."""
     text_field: str = "text"
-    """Column holding the document text (role pretrain, formats jsonl/parquet/hf_datasets)."""
+    """Column holding the document text (role pretrain, formats jsonl/parquet/hf_datasets/hub)."""
+    repo: str | None = Field(default=None, pattern=_HUB_REPO.pattern)
+    """format hub: the dataset repo, ORG/NAME."""
+    revision: str | None = None
+    """format hub: the commit sha to read (a branch or tag needs allow_floating_revision)."""
+    allow_floating_revision: bool = False
+    """format hub: accept a branch or tag and record the commit it resolves to."""
+    config: str | None = None
+    """format hub: the dataset config (subset), the top folder of its Parquet files."""
+    split: str | None = None
+    """format hub: the split (train, test, ...): Parquet files named or foldered by it."""
+    data_files: tuple[str, ...] = ()
+    """format hub: glob patterns of the repo files to read (default: by config and split)."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Record field -> source column, e.g. {prompt: question, answer: final} (default: the
+    field names themselves; text_field for pretrain text)."""
+    license: str | None = None
+    """SPDX license tag of this source (format hub: default the dataset card's license)."""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ImportParams:
+        if self.format == "hub":
+            if self.repo is None or self.revision is None:
+                raise ValueError("format hub needs repo (ORG/NAME) and revision (a commit sha)")
+            if self.path is not None:
+                raise ValueError("format hub reads repo and revision, not path")
+            check_pinned(
+                f"hf:{self.repo}@{self.revision}",
+                allow_floating=self.allow_floating_revision,
+                key=f"hf:{self.repo}",
+            )
+        elif self.path is None:
+            raise ValueError(f"format {self.format} needs a path")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How records and manifests name this source: its path, or hf:ORG/NAME[/config][:split]."""
+        if self.format != "hub":
+            return str(self.path)
+        config = f"/{self.config}" if self.config else ""
+        split = f":{self.split}" if self.split else ""
+        return f"hf:{self.repo}{config}{split}"
+
+
+class TokenizerParams(Params):
+    """Which tokenizer the data stage uses: a trained byte-level BPE, or an existing one."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        populate_by_name=True,
+        serialize_by_alias=True,
+    )
+    from_: HubOrFolder | None = Field(default=None, alias="from")
+    """``hf:ORG/NAME@REVISION`` or a local tokenizer folder (with tokenizer.json); null trains
+    the byte-level BPE (``data.vocab_size``)."""
+    allow_floating_revision: bool = False
+    """Accept a branch or tag in ``from`` and record the commit it resolves to."""
+
+    @model_validator(mode="after")
+    def _check_pin(self) -> TokenizerParams:
+        check_pinned(self.from_, allow_floating=self.allow_floating_revision, key="from")
+        return self
 
 
 class DataParams(Params):
@@ -111,12 +205,16 @@ class DataParams(Params):
     """Size of the generated corpus; set both counts to 0 to use only imports."""
     imports: tuple[ImportParams, ...] = ()
     """User data sources added to the generated corpus."""
+    tokenizer: TokenizerParams = TokenizerParams()
+    """The tokenizer: trained here (default) or taken from the Hub or a folder."""
     vocab_size: int = Field(ge=300, le=262_144)
     """Byte-level BPE vocabulary size (256 byte symbols plus merges and special tokens)."""
     seq_len: int = Field(ge=16, le=131_072)
     """Tokens per packed pretraining sequence."""
     seqs_per_shard: int = Field(default=1024, ge=1)
     """Packed sequences per shard file."""
+    num_proc: int = Field(default=1, ge=1, le=1024)
+    """Processes that tokenise the pretraining documents (the output is the same for any)."""
     eval_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     """Share of documents and problems held out for evaluation (never trained on)."""
     out_dir: ProjectPath = "artifacts/data"
@@ -243,6 +341,9 @@ class TrainStageParams(Params):
     """Write a resumable training state every this many steps (0: with each checkpoint)."""
     keep_last_states: int = Field(default=2, ge=1)
     """Resumable training states kept on disk (older ones are deleted)."""
+    allow_floating_revision: bool = False
+    """Accept a branch or tag in the stage's ``from: hf:ORG/NAME@REVISION`` and record the
+    commit it resolves to (by default only a 40-hex commit sha is accepted)."""
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainStageParams:
@@ -648,6 +749,11 @@ class PipelineParams(Params):
                 raise ValueError(first) from None
         for i, spec in enumerate(self.stages):
             section = sections[spec.name]
+            check_pinned(
+                spec.from_ if init_kind(spec.from_) == "hf" else None,
+                allow_floating=section.allow_floating_revision,
+                key=f"stages: {spec.name} from",
+            )
             if isinstance(section, DPOParams) and section.reference is not None:
                 earlier = [s.name for s in self.stages[:i]]
                 if section.reference not in earlier:

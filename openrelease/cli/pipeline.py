@@ -95,7 +95,11 @@ def data_batch(
         return
     out.print(f"{stage} step {step}: order digest {report.order_digest}", highlight=False)
     for sample in report.samples:
-        out.rule(f"sample {sample.index}  docs {', '.join(sample.doc_ids)}")
+        sources = sorted(set(sample.sources))
+        tagged = [f"{s} ({report.licenses.get(s) or 'license not stated'})" for s in sources]
+        out.rule(
+            f"sample {sample.index}  docs {', '.join(sample.doc_ids)}  from {'; '.join(tagged)}"
+        )
         out.print(sample.text, markup=False, highlight=False)
 
 
@@ -103,6 +107,9 @@ def data_batch(
 def data_where(
     doc: Annotated[str | None, typer.Option("--doc", help="Document id, e.g. doc-0000012.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Text the document contains.")] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many --text matches.")
+    ] = 50,
     params: ParamsOpt = DEFAULT_PARAMS,
     as_json: JsonOpt = False,
 ) -> None:
@@ -110,7 +117,7 @@ def data_where(
     from openrelease.data.query import where_seen
 
     pipeline = load_params(params)
-    report = where_seen(_open_store(pipeline), pipeline, doc_id=doc, text=text)
+    report = where_seen(_open_store(pipeline), pipeline, doc_id=doc, text=text, limit=limit)
     if as_json:
         print_json(report)
         return
@@ -121,6 +128,43 @@ def data_where(
     unseen = set(report.doc_ids) - {s.doc_id for s in report.sightings}
     if unseen:
         out.print(f"never trained on: {', '.join(sorted(unseen))}", highlight=False)
+    if report.truncated:
+        out.print(
+            f"showing the first {len(report.doc_ids)} of {report.total_matches} matching "
+            "documents; raise --limit to see more",
+            highlight=False,
+        )
+
+
+@data_app.command("export")
+def data_export(
+    stage: StageOpt,
+    from_step: Annotated[int, typer.Option("--from-step", help="First global step (1-based).")],
+    to_step: Annotated[int, typer.Option("--to-step", help="Last global step (inclusive).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the export.")],
+    params: ParamsOpt = DEFAULT_PARAMS,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the exact token sequences (and doc ids, sources) a stage trained on in A..B."""
+    from openrelease.train.export import export_steps
+
+    pipeline = load_params(params)
+    report = export_steps(
+        pipeline,
+        project_dir=Path.cwd(),
+        stage=stage,
+        from_step=from_step,
+        to_step=to_step,
+        out_dir=out_dir,
+    )
+    if as_json:
+        print_json(report)
+        return
+    out.print(
+        f"{stage} steps {from_step}..{to_step}: {report.num_samples} samples, "
+        f"{report.num_tokens} tokens -> {out_dir}; order digest {report.order_digest}",
+        highlight=False,
+    )
 
 
 # --------------------------------------------------------------------------- summary, lineage

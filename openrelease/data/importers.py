@@ -1,6 +1,8 @@
-"""Importers for user data: JSONL, plain text, Parquet and local HF `datasets` folders.
+"""Importers for user data: JSONL, plain text, Parquet, local HF `datasets` folders, Hub datasets.
 
 Each returns plain records for one role and the sha256 of what it read; bad input names file:line.
+A Hub dataset (``format: hub``) is pinned to a commit and its Parquet files are checked against
+the Hub's LFS sha256 before pyarrow reads them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openrelease.data import hub
 from openrelease.digest import sha256_file, sha256_tree
 from openrelease.errors import DataError
+from openrelease.layout import Workspace
+from openrelease.manifest import PinnedSource
 from openrelease.params import ImportParams
 from openrelease.safeio import no_duplicate_keys
 
@@ -32,13 +37,15 @@ class ImportedSource:
     path: str
     sha256: str
     records: list[dict[str, str]]
+    license: str | None = None
+    pinned: PinnedSource | None = None
 
 
 def _fields_for(spec: ImportParams) -> dict[str, str]:
     """Map the record field names of the role to the column names in the source."""
     if spec.role == "pretrain":
-        return {"text": spec.text_field}
-    return {name: name for name in ROLE_FIELDS[spec.role]}
+        return {"text": spec.fields.get("text", spec.text_field)}
+    return {name: spec.fields.get(name, name) for name in ROLE_FIELDS[spec.role]}
 
 
 def _to_record(row: Any, spec: ImportParams, where: str) -> dict[str, str]:
@@ -125,8 +132,11 @@ def _read_text(path: Path, spec: ImportParams) -> list[dict[str, str]]:
     return [{"text": block} for block in blocks if block]
 
 
-def _read_table_rows(rows: list[dict[str, Any]], spec: ImportParams) -> list[dict[str, str]]:
-    return [_to_record(row, spec, f"{spec.path}:row {i}") for i, row in enumerate(rows, start=1)]
+def _read_table_rows(
+    rows: list[dict[str, Any]], spec: ImportParams, where: str | None = None
+) -> list[dict[str, str]]:
+    name = where or spec.name
+    return [_to_record(row, spec, f"{name}:row {i}") for i, row in enumerate(rows, start=1)]
 
 
 def _read_parquet(path: Path, spec: ImportParams) -> list[dict[str, str]]:
@@ -182,8 +192,69 @@ def _read_hf_datasets(folder: Path, spec: ImportParams) -> tuple[list[dict[str, 
     return _read_table_rows(rows, spec), sha256_tree(digests)
 
 
+def _hub_file_wanted(path: str, spec: ImportParams) -> bool:
+    """Default data_files: the repo's Parquet files of ``config`` and ``split`` (if given)."""
+    if not path.endswith(".parquet"):
+        return False
+    *folders, name = path.split("/")
+    if spec.config is not None and spec.config not in folders:
+        return False
+    if spec.split is None:
+        return True
+    return spec.split in folders or name.startswith(tuple(spec.split + c for c in "-_."))
+
+
+def _read_hub(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert spec.repo is not None, "validated: format hub has a repo"
+    assert spec.revision is not None, "validated: format hub has a revision"
+    what = f"data.imports {spec.name}"
+    snapshot = hub.resolve(
+        spec.repo,
+        spec.revision,
+        repo_type="dataset",
+        allow_floating=spec.allow_floating_revision,
+        what=what,
+    )
+    if spec.data_files:
+        files = hub.select(snapshot, spec.data_files)
+    else:
+        files = tuple(f for f in snapshot.files if _hub_file_wanted(f.path, spec))
+    if not files:
+        raise DataError(
+            f"{what}@{snapshot.commit[:12]}: no Parquet file matches config {spec.config!r}, "
+            f"split {spec.split!r}; set data_files (globs of repo paths)."
+        )
+    dest = Workspace(project_dir).hub_snapshot("dataset", snapshot.repo, snapshot.commit)
+    readme = hub.select(snapshot, ("README.md",))
+    entries = hub.fetch(snapshot, tuple(sorted(files, key=lambda f: f.path)), dest=dest, what=what)
+    license = spec.license
+    if license is None and readme:
+        hub.fetch(snapshot, readme, dest=dest, what=what)
+        license = hub.card_license(dest / "README.md")
+    records: list[dict[str, str]] = []
+    for entry in entries:
+        try:
+            table = pq.read_table(dest / entry.path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{what}/{entry.path}: not a readable Parquet file ({exc}).") from None
+        records += _read_table_rows(table.to_pylist(), spec, where=f"hf:{spec.repo}/{entry.path}")
+    pinned = hub.pin_hub(snapshot, entries, license=license)
+    return ImportedSource(
+        path=pinned.uri, sha256=pinned.digest, records=records, license=license, pinned=pinned
+    )
+
+
 def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
     """Read one import into records for its role; bad input raises `DataError` with file:line."""
+    if spec.format == "hub":
+        source = _read_hub(spec, project_dir=project_dir)
+        if not source.records:
+            raise DataError(f"{spec.name}: no records found; the import would add nothing.")
+        return source
+    assert spec.path is not None, "validated: every format but hub has a path"
     path = (project_dir / spec.path).resolve()
     if not path.exists():
         raise DataError(
@@ -212,4 +283,4 @@ def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
         raise DataError(
             f"{spec.path}: no records found; the import would add nothing.", path=spec.path
         )
-    return ImportedSource(path=spec.path, sha256=digest, records=records)
+    return ImportedSource(path=spec.path, sha256=digest, records=records, license=spec.license)

@@ -16,12 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from tokenizers import Tokenizer
 
 from openrelease.data import synthetic
 from openrelease.data.importers import read_source
+from openrelease.data.order import ORDER_ALGORITHM
+from openrelease.data.pack import DOCS_FILE, SHARD_DIR, pack_documents
 from openrelease.data.tasks import format_answer, format_reasoning
-from openrelease.data.tokenizer import BOS, EOS, make_probe, save_tokenizer, train_tokenizer
+from openrelease.data.tokenizer import (
+    BOS,
+    EOS,
+    fetch_tokenizer,
+    make_probe,
+    save_tokenizer,
+    train_tokenizer,
+    use_tokenizer,
+)
 from openrelease.digest import hash_folder, sha256_bytes, sha256_file, sha256_json, sha256_tree
 from openrelease.errors import DataError
 from openrelease.layout import STAGE_MANIFEST
@@ -29,7 +39,7 @@ from openrelease.manifest import (
     DataManifest,
     DatasetEntry,
     FileEntry,
-    ShardEntry,
+    PinnedSource,
     SourceEntry,
     write_bytes_atomic,
     write_json,
@@ -123,7 +133,7 @@ def _add_imports(corpus: _Corpus, params: DataParams, project_dir: Path) -> None
     for spec in params.imports:
         source = read_source(spec, project_dir=project_dir)
         role = "pretrain_docs" if spec.role == "pretrain" else spec.role
-        records = [{**r, "source": spec.path} for r in source.records]
+        records = [{**r, "source": spec.name} for r in source.records]
         if spec.role == "dpo":
             # Imported pairs are the only preference data a real recipe has: hold out a share
             # for the eval stage's preference accuracy.
@@ -133,11 +143,13 @@ def _add_imports(corpus: _Corpus, params: DataParams, project_dir: Path) -> None
         corpus.add(role, records)
         corpus.sources.append(
             SourceEntry(
-                name=Path(spec.path).name,
+                name=spec.name if spec.format == "hub" else Path(source.path).name,
                 kind=spec.format,
-                path=spec.path,
+                path=source.path,
                 sha256=source.sha256,
                 num_records=len(source.records),
+                license=source.license,
+                pinned=source.pinned,
             )
         )
 
@@ -188,48 +200,6 @@ def _write_jsonl(path: Path, records: list[dict[str, str]]) -> DatasetEntry:
     )
 
 
-def _pack(
-    docs: list[dict[str, str]],
-    token_ids: list[list[int]],
-    *,
-    seq_len: int,
-    bos_id: int,
-    eos_id: int,
-) -> np.ndarray:
-    """Concatenate ``<bos> doc <eos>`` and cut into full rows; record each doc's token span."""
-    stream: list[int] = []
-    for doc, ids in zip(docs, token_ids, strict=True):
-        doc["offset"] = str(len(stream))
-        stream += [bos_id, *ids, eos_id]
-        doc["length"] = str(len(ids) + 2)
-    num_seqs = len(stream) // seq_len
-    if num_seqs == 0:
-        raise DataError(
-            f"the pretraining corpus has {len(stream)} tokens, fewer than one "
-            f"sequence of data.seq_len {seq_len}; add data or lower seq_len."
-        )
-    return np.asarray(stream[: num_seqs * seq_len], dtype=np.int32).reshape(num_seqs, seq_len)
-
-
-def _write_shards(packed: np.ndarray, out_dir: Path, *, seqs_per_shard: int) -> list[ShardEntry]:
-    shards = []
-    for i, start in enumerate(range(0, len(packed), seqs_per_shard)):
-        rows = np.ascontiguousarray(packed[start : start + seqs_per_shard])
-        path = out_dir / "pretrain" / f"shard-{i:05d}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, rows, allow_pickle=False)
-        shards.append(
-            ShardEntry(
-                path=path.relative_to(out_dir).as_posix(),
-                sha256=sha256_file(path),
-                size=path.stat().st_size,
-                num_seqs=len(rows),
-                num_tokens=int(rows.size),
-            )
-        )
-    return shards
-
-
 def _swap_in(tmp_dir: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` with ``tmp_dir`` using renames (the old folder is removed last)."""
     old_dir = out_dir.with_name(out_dir.name + ".old")
@@ -262,8 +232,16 @@ def build_data(
                 "no pretraining documents: raise data.synthetic.num_stories or add "
                 "an import with role pretrain."
             )
-        say("training the tokenizer")
-        manifest = _write_outputs(corpus, params, seed=seed, out_dir=tmp_dir, say=say)
+        manifest = _write_outputs(
+            corpus,
+            params,
+            seed=seed,
+            out_dir=tmp_dir,
+            # Survives a kill: a rerun with the same inputs keeps the complete shards in it.
+            work_dir=out_dir.with_name(f".{out_dir.name}.partial"),
+            project_dir=project_dir,
+            say=say,
+        )
         _swap_in(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -274,21 +252,72 @@ def build_data(
     return manifest
 
 
+def _tokenizer(
+    corpus: _Corpus, params: DataParams, *, out_dir: Path, project_dir: Path, say: Progress
+) -> tuple[Tokenizer, str | None, str, PinnedSource | None]:
+    """The tokenizer (trained, or the pinned one of ``data.tokenizer.from``), its bos and eos."""
+    spec = params.tokenizer.from_
+    if spec is None:
+        say("training the tokenizer")
+        tokenizer = train_tokenizer(_training_texts(corpus), vocab_size=params.vocab_size)
+        save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=params.seq_len)
+        return tokenizer, BOS, EOS, None
+    say(f"fetching the tokenizer {spec}")
+    what = "data.tokenizer.from"
+    folder, pinned = fetch_tokenizer(
+        spec,
+        allow_floating=params.tokenizer.allow_floating_revision,
+        project_dir=project_dir,
+        what=what,
+    )
+    used = use_tokenizer(folder, pinned, out_dir / "tokenizer", what=what)
+    return used.tokenizer, used.bos, used.eos, pinned
+
+
 def _write_outputs(
-    corpus: _Corpus, params: DataParams, *, seed: int, out_dir: Path, say: Progress
+    corpus: _Corpus,
+    params: DataParams,
+    *,
+    seed: int,
+    out_dir: Path,
+    work_dir: Path,
+    project_dir: Path,
+    say: Progress,
 ) -> DataManifest:
-    tokenizer = train_tokenizer(_training_texts(corpus), vocab_size=params.vocab_size)
-    save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=params.seq_len)
+    tokenizer, bos, eos, tokenizer_source = _tokenizer(
+        corpus, params, out_dir=out_dir, project_dir=project_dir, say=say
+    )
     write_json(out_dir / "tokenizer_probe.json", make_probe(tokenizer))
     say("tokenizing and packing")
     docs = _with_ids("doc", corpus.roles["pretrain_docs"])
-    token_ids = [e.ids for e in tokenizer.encode_batch([d["text"] for d in docs])]
-    bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    assert bos_id is not None, "special tokens are always in the vocabulary"
-    assert eos_id is not None, "special tokens are always in the vocabulary"
-    packed = _pack(docs, token_ids, seq_len=params.seq_len, bos_id=bos_id, eos_id=eos_id)
-    shards = _write_shards(packed, out_dir, seqs_per_shard=params.seqs_per_shard)
-    datasets = {"pretrain_docs": _write_jsonl(out_dir / "pretrain_docs.jsonl", docs)}
+    bos_id = None if bos is None else tokenizer.token_to_id(bos)
+    eos_id = tokenizer.token_to_id(eos)
+    assert eos_id is not None, "the eos token is in the vocabulary (checked on load)"
+    packed = pack_documents(
+        docs,
+        tokenizer=tokenizer,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        seq_len=params.seq_len,
+        seqs_per_shard=params.seqs_per_shard,
+        num_proc=params.num_proc,
+        work_dir=work_dir,
+    )
+    if packed.resumed_shards:
+        logger.info("resumed packing after %d complete shards", packed.resumed_shards)
+    os.replace(work_dir / SHARD_DIR, out_dir / SHARD_DIR)
+    os.replace(packed.docs_path, out_dir / DOCS_FILE)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    shards = packed.shards
+    docs_path = out_dir / DOCS_FILE
+    datasets = {
+        "pretrain_docs": DatasetEntry(
+            path=DOCS_FILE,
+            sha256=sha256_file(docs_path),
+            size=docs_path.stat().st_size,
+            num_records=len(docs),
+        )
+    }
     id_prefixes = {"eval_text": "eval", "eval_problems": "evalp", "eval_dpo": "evald"}
     for role in ("sft", "dpo", "distill", "grpo", "eval_text", "eval_problems", "eval_dpo"):
         records = _with_ids(id_prefixes.get(role, role), corpus.roles.get(role, []))
@@ -300,6 +329,7 @@ def _write_outputs(
         "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer_dir": "tokenizer",
         "tokenizer_sha256": sha256_tree(tok_files),
+        "tokenizer_source": tokenizer_source,
         "tokenizer_files": [
             FileEntry(
                 path=f"tokenizer/{p}", size=(out_dir / "tokenizer" / p).stat().st_size, sha256=d
@@ -309,8 +339,9 @@ def _write_outputs(
         "shards": shards,
         "datasets": datasets,
         "sources": corpus.sources,
-        "num_pretrain_seqs": int(packed.shape[0]),
-        "num_pretrain_tokens": int(packed.size),
+        "num_pretrain_seqs": packed.num_seqs,
+        "num_pretrain_tokens": packed.num_seqs * params.seq_len,
+        "order_algorithm": ORDER_ALGORITHM,
     }
     draft = DataManifest.model_validate({**body, "data_digest": "sha256:" + "0" * 64})
     digest = sha256_json(draft.model_dump(mode="json", exclude={"data_digest"}))
@@ -329,12 +360,16 @@ def run_data_stage(
     out_dir = project_dir / params.data.out_dir
     tracker = StageTracker("data", params=params, project_dir=project_dir, out_dir=out_dir)
     manifest = build_data(params.data, seed=params.seed, project_dir=project_dir, progress=progress)
-    tracker.start(
-        [
-            InputRecord(name=s.name, kind=s.kind, path=s.path or "synthetic", digest=s.sha256)
-            for s in manifest.sources
-        ]
-    )
+    inputs = [
+        InputRecord(name=s.name, kind=s.kind, path=s.path or "synthetic", digest=s.sha256)
+        for s in manifest.sources
+    ]
+    if manifest.tokenizer_source is not None:
+        pinned = manifest.tokenizer_source
+        inputs.append(
+            InputRecord(name="tokenizer", kind="tokenizer", path=pinned.uri, digest=pinned.digest)
+        )
+    tracker.start(inputs)
     tracker.log_metrics(
         {
             "num_pretrain_seqs": manifest.num_pretrain_seqs,

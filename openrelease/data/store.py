@@ -67,6 +67,11 @@ class DataStore:
             index -= len(shard)
         raise IndexError("shards are shorter than the manifest says")
 
+    @cached_property
+    def doc_offsets(self) -> list[int]:
+        """Stream offset of each pretraining document (ascending: written in stream order)."""
+        return [int(d["offset"]) for d in self.records("pretrain_docs")]
+
     def records(self, role: str) -> list[dict[str, str]]:
         """The records of ``role`` (sft, dpo, distill, grpo, pretrain_docs, eval_*)."""
         if role not in self._records:

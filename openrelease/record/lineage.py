@@ -1,7 +1,8 @@
 """Answer "exactly what produced this checkpoint?" from the record.json files of a workspace.
 
 The chain runs: sources -> data manifest -> each stage (params digest, seed, commit, run id) ->
-its checkpoints, linked by parent digests, up to the checkpoint asked about.
+its checkpoints, linked by parent digests, up to the checkpoint asked about. A stage started
+from an existing model (a stage's ``from``) is preceded by a base-model node (repo, commit).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class LineageNode(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     kind: str
-    """source, data, stage or checkpoint."""
+    """source, data, base-model, stage or checkpoint."""
     name: str
     digest: str
     details: dict[str, str]
@@ -144,6 +145,25 @@ def _checkpoint_node(meta: CheckpointMeta) -> LineageNode:
     )
 
 
+def _base_model_node(record: StageRecord, first: CheckpointMeta | None) -> LineageNode | None:
+    """The existing model the stage itself started from (its ``from``), if it did."""
+    base = next((i for i in record.inputs if i.kind == "base-model"), None)
+    if base is None or first is None or first.parent_digest != base.digest:
+        return None  # no base model, or one an earlier stage started from
+    return LineageNode(
+        kind="base-model",
+        name=base.path,
+        digest=base.digest,
+        parent=None,
+        details={
+            "source": base.path,
+            "base_model": (first.base_model.repo if first.base_model else base.path),
+            "commit": (first.base_model.commit or "local") if first.base_model else "",
+            "files": str(len(first.base_model.files)) if first.base_model else "",
+        },
+    )
+
+
 def _find_target(records: dict[str, StageRecord], target: str) -> tuple[str, int | None]:
     """Resolve ``target`` (checkpoint folder, stage name, or run id) to (stage, step or None)."""
     meta_path = Path(target) / CHECKPOINT_META
@@ -169,8 +189,11 @@ def lineage(project_dir: Path, target: str) -> LineageReport:
     parent: str | None = nodes[-1].digest if nodes else None
     for name in _chain(records, stage, target):
         record = records[name]
-        nodes.append(_stage_node(record, parent))
         checkpoints = sorted(record.checkpoints, key=lambda c: c.step)
+        base = _base_model_node(record, checkpoints[0] if checkpoints else None)
+        if base is not None:
+            nodes.append(base)
+        nodes.append(_stage_node(record, parent))
         if name == stage and step is not None:
             checkpoints = [c for c in checkpoints if c.step <= step]
             if not checkpoints or checkpoints[-1].step != step:

@@ -25,8 +25,10 @@ from openrelease.layout import (
     stage_rel,
 )
 from openrelease.manifest import (
+    BASE_MODEL_RELATION,
     DataManifest,
     EvalResult,
+    PinnedSource,
     ReproCertificate,
     StageManifest,
     StageRecord,
@@ -91,6 +93,11 @@ class ReleaseRecord:
         for r in sorted(self.results, key=lambda r: (order.get(r.stage, len(order)), r.step)):
             out[r.stage] = r
         return out
+
+    def base_model(self) -> PinnedSource | None:
+        """The existing model the released chain started from (a stage's ``from``), if any."""
+        final = self.stages[self.final_stage].checkpoints[-1]
+        return final.base_model
 
     def num_params(self) -> int:
         """Parameter count from the model params (embeddings included)."""
@@ -317,10 +324,14 @@ def model_card(rec: ReleaseRecord) -> str:
     first = next(iter(rec.stages.values())).checkpoints[0]
     first_branch = checkpoint_branches(rec)[(first.stage, first.step)]
     license_fields = _hf_license(rec.params.release.licenses.weights)
+    base = rec.base_model()
+    from_hub = base is not None and base.kind == "hf"
     data = ModelCardData(
         license=license_fields["license"],
         license_name=license_fields.get("license_name"),
         license_link=license_fields.get("license_link"),
+        base_model=base.repo if base is not None and from_hub else None,
+        base_model_relation=BASE_MODEL_RELATION if from_hub else None,
         library_name="transformers",
         pipeline_tag="text-generation",
         datasets=[f"{repo_id}-data"],
@@ -332,12 +343,18 @@ def model_card(rec: ReleaseRecord) -> str:
     lines = [
         f"# {name}",
         "",
-        f"A fully-open {rec.num_params() / 1e6:.2f}M-parameter {rec.params.model.arch} causal "
-        f"language model trained from scratch by openrelease in {len(rec.stages)} stage(s) "
-        f"({rec.stage_chain()}). Weights, every intermediate checkpoint, "
+        (
+            f"A fully-open {rec.num_params() / 1e6:.2f}M-parameter {rec.params.model.arch} causal "
+            f"language model trained from scratch by openrelease in {len(rec.stages)} stage(s) "
+            if base is None
+            else f"A causal language model fine-tuned by openrelease from {_base_phrase(base)} "
+            f"in {len(rec.stages)} stage(s) "
+        )
+        + f"({rec.stage_chain()}). Weights, every intermediate checkpoint, "
         f"data ([{repo_id}-data](https://huggingface.co/datasets/{repo_id}-data)), data order, "
         "code, configs, logs and evaluations are in this release.",
         "",
+        *_base_model_section(base),
         "## Use",
         "",
         "```python",
@@ -356,6 +373,9 @@ def model_card(rec: ReleaseRecord) -> str:
     previous = "random init (seed)"
     for stage, manifest in rec.stages.items():
         c = manifest.checkpoints[-1]
+        started = manifest.checkpoints[0]
+        if started.base_model is not None and started.parent_digest == started.base_model.digest:
+            previous = _base_phrase(started.base_model)
         loss = f"{c.loss:.4f}" if c.loss is not None else "-"
         lines.append(
             f"| {stage} | {previous} | {c.step} | {c.tokens_seen:,} | {loss} | "
@@ -390,6 +410,29 @@ def model_card(rec: ReleaseRecord) -> str:
     ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
+
+
+def _base_phrase(base: PinnedSource) -> str:
+    return f"`{base.repo}` at `{base.commit}`" if base.kind == "hf" else f"`{base.repo}`"
+
+
+def _base_model_section(base: PinnedSource | None) -> list[str]:
+    """The base model by reference: repo, commit and the sha256 of every file used."""
+    if base is None:
+        return []
+    rows = [f"| `{f.path}` | {f.size:,} | `{f.sha256}` |" for f in base.files]
+    return [
+        "## Base model",
+        "",
+        f"Started from {_base_phrase(base)} (license: {base.license or 'not stated'}; "
+        f"relation: {BASE_MODEL_RELATION}). Its weights are not part of this release; these "
+        "are the files used, each checked against the Hub's sha256 before training:",
+        "",
+        "| file | bytes | sha256 |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+    ]
 
 
 def certificate_lines(certificate: ReproCertificate) -> list[str]:

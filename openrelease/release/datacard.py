@@ -16,7 +16,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from openrelease.digest import bare_hex
 from openrelease.errors import ArtifactError
-from openrelease.manifest import CheckpointMeta, DataManifest
+from openrelease.manifest import CheckpointMeta, DataManifest, SourceEntry
 
 CONFORMS_TO = "http://mlcommons.org/croissant/1.0"
 MAX_RECORD_CHARS = 16 << 20
@@ -299,13 +299,28 @@ def release_data_files(
 
 def data_description(manifest: DataManifest) -> str:
     """A one-paragraph summary of the data stage's output, from its manifest."""
-    sources = ", ".join(f"{s.name} ({s.kind}, {s.num_records} records)" for s in manifest.sources)
+    sources = ", ".join(_source_phrase(s) for s in manifest.sources)
+    tok = manifest.tokenizer_source
+    tokenizer = (
+        f"byte-level BPE vocabulary of {manifest.vocab_size}"
+        if tok is None
+        else f"the {manifest.vocab_size}-token tokenizer of {tok.uri}"
+    )
     return (
         f"Generated and imported by the openrelease data stage (seed {manifest.seed}) from: "
         f"{sources}. {manifest.num_pretrain_tokens} pretraining tokens packed into "
-        f"{manifest.num_pretrain_seqs} sequences of {manifest.seq_len} tokens, byte-level BPE "
-        f"vocabulary of {manifest.vocab_size}; data digest {manifest.data_digest}."
+        f"{manifest.num_pretrain_seqs} sequences of {manifest.seq_len} tokens, "
+        f"{tokenizer}; data digest {manifest.data_digest}."
     )
+
+
+def _source_phrase(source: SourceEntry) -> str:
+    """``name (kind, N records[, license L][, commit C])``: one source of the data card."""
+    extra = [f"license {source.license}"] if source.license else []
+    if source.pinned is not None and source.pinned.commit is not None:
+        extra.append(f"commit {source.pinned.commit}")
+    details = ", ".join([source.kind, f"{source.num_records} records", *extra])
+    return f"{source.name} ({details})"
 
 
 def stage_num_samples(manifest: DataManifest, stage: str) -> int:
@@ -332,6 +347,7 @@ def data_order(
         "schema_version": 1,
         "seed": seed,
         "data_digest": manifest.data_digest,
+        "algorithm": manifest.order_algorithm,
         "recompute": "openrelease data batch --stage <stage> --step <step>",
         "stages": {
             stage: {

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from openrelease.errors import OpenReleaseError, ParamsError
 from openrelease.params import ComputeParams, TrainStageParams
 from openrelease.train.model import decoder_layers
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -231,3 +234,21 @@ def run_on_main(ctx: DistContext, fn: Callable[[], object]) -> None:
         raise error
     if message[0] is not None:
         raise RankFailedError(f"rank 0 failed: {message[0]}")
+
+
+def main_result(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its (picklable, trusted) result to every rank.
+
+    Raises:
+        Exception: On rank 0, whatever ``fn`` raised.
+        RankFailedError: On the other ranks, when ``fn`` failed on rank 0.
+    """
+    box: list[object] = [None]
+
+    def run() -> None:
+        box[0] = fn()
+
+    run_on_main(ctx, run)
+    dist.broadcast_object_list(box, src=0)
+    result: T = box[0]  # type: ignore[assignment]
+    return result

@@ -23,7 +23,7 @@ from openrelease.params import GRPOParams
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
 from openrelease.train.job import IGNORE_INDEX, MicroBatch, StepOutcome, TrainJob
-from openrelease.train.model import build_model
+from openrelease.train.model import build_model, load_pretrained
 from openrelease.train.objective import all_reduce_sum, optimizer_step
 from openrelease.train.rl import (
     Rollouts,
@@ -126,16 +126,20 @@ class GRPOObjective:
 
     def start(self, job: TrainJob, ctx: distributed.DistContext) -> None:
         """Build the reference model from the distill checkpoint, sharded like the policy."""
-        ref: torch.nn.Module = build_model(
-            job.model, vocab_size=job.vocab_size, special=job.special
-        )
-        try:
-            ref.load_state_dict(ckpt.load_weights(self.reference_dir), strict=True)
-        except RuntimeError as exc:
-            raise ArtifactError(
-                f"{self.reference_dir} does not fit the model params ({str(exc)[:200]}); "
-                "re-run the distill stage with the same model section."
-            ) from None
+        ref: torch.nn.Module
+        if job.base_model is not None:
+            ref = load_pretrained(
+                self.reference_dir, vocab_size=job.vocab_size, special=job.special
+            )
+        else:
+            ref = build_model(job.model, vocab_size=job.vocab_size, special=job.special)
+            try:
+                ref.load_state_dict(ckpt.load_weights(self.reference_dir), strict=True)
+            except RuntimeError as exc:
+                raise ArtifactError(
+                    f"{self.reference_dir} does not fit the model params ({str(exc)[:200]}); "
+                    "re-run the distill stage with the same model section."
+                ) from None
         ref.requires_grad_(False)
         compute = job.compute.model_copy(update={"activation_checkpointing": False})
         self.reference = distributed.shard_model(ref, ctx, compute).eval()

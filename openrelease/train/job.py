@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from openrelease.manifest import CheckpointMeta
+from openrelease.manifest import CheckpointMeta, PinnedSource
 from openrelease.params import ComputeParams, ModelParams, TrainStageParams
 from openrelease.train.distributed import DistContext
 from openrelease.train.model import SpecialTokens
@@ -125,6 +125,9 @@ class TrainJob:
     params_digest: str
     init_checkpoint: Path | None = None
     init_digest: str | None = None
+    base_model: PinnedSource | None = None
+    """The existing model the chain started from; set, the model is loaded from
+    ``init_checkpoint``'s own config.json (any architecture) instead of the model params."""
     objective: Objective[Any] | None = None
     """None: next-token cross-entropy on ``source`` (`TokenObjective`)."""
     recorder: Recorder | None = None

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from openrelease.data.order import global_batch, order_digest, rank_slice
+from openrelease.data.order import global_batch, range_digest, rank_slice
 from openrelease.errors import ArtifactError
 from openrelease.layout import STATE_FILE, Workspace
 from openrelease.manifest import CheckpointFacts, write_text_atomic
@@ -32,7 +32,7 @@ from openrelease.safeio import read_json_file
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
 from openrelease.train.job import Objective, StepOutcome, TrainJob
-from openrelease.train.model import build_model, save_model_config
+from openrelease.train.model import build_model, load_pretrained, save_model_config
 from openrelease.train.objective import TokenObjective, all_reduce_sum
 from openrelease.train.progress import ProgressReporter
 
@@ -109,8 +109,12 @@ def _build(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     # Identical init on every rank: fully_shard shards each rank's full local copy.
     torch.manual_seed(job.seed)
-    model: torch.nn.Module = build_model(job.model, vocab_size=job.vocab_size, special=job.special)
-    if job.init_checkpoint is not None:
+    model: torch.nn.Module
+    if job.base_model is not None and job.init_checkpoint is not None:
+        model = load_pretrained(job.init_checkpoint, vocab_size=job.vocab_size, special=job.special)
+    else:
+        model = build_model(job.model, vocab_size=job.vocab_size, special=job.special)
+    if job.init_checkpoint is not None and job.base_model is None:
         weights = ckpt.load_weights(job.init_checkpoint)
         try:
             model.load_state_dict(weights, strict=True)
@@ -205,17 +209,15 @@ def _truncate_after(workspace: Workspace, stage: str, step: int) -> None:
 
 
 def _data_digest(job: TrainJob, first: int, last: int) -> str:
-    indices: list[int] = []
-    for step in range(first, last + 1):
-        indices += global_batch(
-            seed=job.seed,
-            data_digest=job.data_digest,
-            stage=job.stage,
-            step=step,
-            num_samples=job.source.num_samples,
-            global_batch_size=job.params.global_batch_size,
-        )
-    return order_digest(indices)
+    return range_digest(
+        seed=job.seed,
+        data_digest=job.data_digest,
+        stage=job.stage,
+        first_step=first,
+        last_step=last,
+        num_samples=job.source.num_samples,
+        global_batch_size=job.params.global_batch_size,
+    )
 
 
 def _release(
@@ -242,6 +244,7 @@ def _release(
                 loss=pos.loss,
                 params_digest=job.params_digest,
                 parent_digest=pos.parent_digest,
+                base_model=job.base_model,
             ),
         )
         logger.info("checkpoint step %d: %s", pos.step, meta.checkpoint_digest[:19])

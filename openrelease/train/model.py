@@ -22,6 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from openrelease.errors import ArtifactError
 from openrelease.params import ModelParams
 
 _FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
@@ -120,13 +121,73 @@ def build_model(
     return model
 
 
+def load_pretrained(
+    folder: Path, *, vocab_size: int, special: SpecialTokens | None = None
+) -> PreTrainedModel:
+    """Load an existing causal LM (any architecture transformers knows) from a local folder.
+
+    The architecture comes from the folder's config.json, the weights from its safetensors
+    (never pickles, never remote code). The config's bos/eos/pad ids are set to ``special``,
+    the ids of the tokenizer the stage trains with.
+
+    Args:
+        folder: A transformers model folder (a fetched base model or a release checkpoint).
+        vocab_size: Tokens of the stage's tokenizer; the embedding must have that many rows.
+        special: bos/eos/pad token ids to record in the config.
+
+    Returns:
+        The model in training mode, on CPU, in float32.
+
+    Raises:
+        ArtifactError: transformers cannot load the folder, or its vocabulary is too small.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ArtifactError(
+            f"{folder}: transformers cannot load this causal LM ({first}); give a "
+            "safetensors model folder of an architecture transformers supports."
+        ) from None
+    rows = int(loaded.get_input_embeddings().num_embeddings)
+    if rows < vocab_size:
+        raise ArtifactError(
+            f"{folder}: the model embeds {rows} tokens but the data's tokenizer has "
+            f"{vocab_size}; use the model's tokenizer (data.tokenizer.from)."
+        )
+    ids = special or SpecialTokens()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(loaded.config, name, getattr(ids, name))
+    torch.nn.Module.float(loaded)
+    loaded.train()
+    model: PreTrainedModel = loaded
+    return model
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder blocks of a Llama/Mistral/Qwen2 causal LM (the FSDP2 sharding units)."""
+    """The decoder blocks of a causal LM (the FSDP2 sharding units).
+
+    ``model.layers`` for Llama, Mistral, Qwen2 and most others; otherwise the module list
+    with ``config.num_hidden_layers`` entries (GPT-2's ``transformer.h``, ...).
+    """
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no model.layers decoder stack")
-    return list(layers)
+    if isinstance(layers, torch.nn.ModuleList):
+        return list(layers)
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return list(module)
+    raise TypeError(f"{type(model).__name__} has no decoder layer stack")
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -1,9 +1,10 @@
 """The training stage kinds: what each trains on, and `run_stage`, which runs one on every rank.
 
 A stage's setup (chosen by its kind) picks its batch source, objective and initial checkpoint
-(params ``stages[].from``: an earlier stage's final one, scratch or a base model); `run_stage`
-builds the `TrainJob`, records the run and hands it to the loop. Start one with `openrelease
-launch <stage>` (the argv comes from train/launch.py).
+(params ``stages[].from``: an earlier stage's final one, scratch, or an existing model on the
+Hub or in a folder, train/base_model.py); `run_stage` builds the `TrainJob`, records the run
+and hands it to the loop. Start one with `openrelease launch <stage>` (the argv comes from
+train/launch.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any, TypeVar
 
 from transformers import AutoTokenizer
 
+from openrelease.data.order import check_algorithm
 from openrelease.data.store import DataStore
 from openrelease.digest import sha256_json
 from openrelease.errors import ParamsError
 from openrelease.layout import STAGE_MANIFEST, Workspace
-from openrelease.manifest import InputRecord, read_model
+from openrelease.manifest import InputRecord, PinnedSource, read_model
 from openrelease.params import (
     DistillParams,
     DPOParams,
@@ -34,6 +36,7 @@ from openrelease.params import (
 )
 from openrelease.record.tracking import StageTracker
 from openrelease.train import distributed
+from openrelease.train.base_model import fetch_base_model, resolve_base_model
 from openrelease.train.checkpoint import final_checkpoint
 from openrelease.train.distill import (
     TEACHER_FILE,
@@ -65,6 +68,8 @@ class StageSetup:
     """None: next-token cross-entropy on ``source``."""
     inputs: tuple[InputRecord, ...] = ()
     """Stage-specific inputs for the provenance record (traces, reference model, ...)."""
+    base_model: PinnedSource | None = None
+    """The existing model the chain started from, if any."""
 
 
 def _rel(path: Path, project_dir: Path) -> str:
@@ -74,42 +79,92 @@ def _rel(path: Path, project_dir: Path) -> str:
 
 
 _T = TypeVar("_T", bound=TrainStageParams)
-BaseModelLoader = Callable[[str, Path], tuple[Path, str, InputRecord]]
-"""(``from`` value, project dir) -> (local model folder, its digest, its provenance input)."""
-BASE_MODEL_LOADER: BaseModelLoader | None = None
-"""Loads ``from: hf:ORG/NAME@REVISION`` or a local folder; set by the base-model feature."""
 
 
-def _stage_init(
-    params: PipelineParams, stage: StageName, project_dir: Path
-) -> tuple[Path | None, str | None, tuple[InputRecord, ...]]:
-    """The weights ``stage`` starts from (params ``stages[].from``): folder, digest, inputs."""
+@dataclass(frozen=True)
+class StartPoint:
+    """The weights a stage starts from: an earlier stage's checkpoint or a base model."""
+
+    folder: Path
+    digest: str
+    """``checkpoint_digest`` of the earlier stage's final checkpoint, or the base model's digest
+    (over its files)."""
+    inputs: tuple[InputRecord, ...]
+    base_model: PinnedSource | None
+    """The existing model the chain started from (this stage's or an earlier one's)."""
+
+
+def _base_input(pinned: PinnedSource) -> InputRecord:
+    return InputRecord(name="base-model", kind="base-model", path=pinned.uri, digest=pinned.digest)
+
+
+def _from_base_model(
+    stage: StageName, params: PipelineParams, project_dir: Path, ctx: DistContext
+) -> StartPoint:
+    source, what = params.spec(stage).from_, f"stages: {stage} from"
+    allow_floating = params.stage(stage).allow_floating_revision
+
+    def fetch() -> tuple[Path, PinnedSource]:
+        ref = resolve_base_model(
+            source, allow_floating_revision=allow_floating, project_dir=project_dir, what=what
+        )
+        return fetch_base_model(ref, cache_dir=project_dir, what=what)
+
+    # Rank 0 resolves and downloads (every file checked); the others use what it fetched.
+    folder, pinned = distributed.main_result(ctx, fetch)
+    logger.info("%s starts from %s (%s)", stage, pinned.uri, pinned.digest[:19])
+    return StartPoint(folder, pinned.digest, (_base_input(pinned),), pinned)
+
+
+def _start_point(
+    stage: StageName, params: PipelineParams, project_dir: Path, ctx: DistContext
+) -> StartPoint | None:
+    """Where ``stage`` starts (params ``stages[].from``); None: random weights from the seed."""
     source = params.spec(stage).from_
     match init_kind(source):
         case "scratch":
-            return None, None, ()
-        case "stage":
-            folder, meta = final_checkpoint(project_dir, source)
-            record = InputRecord(
-                name=f"{source}-final",
-                kind="checkpoint",
-                path=_rel(folder, project_dir),
-                digest=meta.checkpoint_digest,
-            )
-            return folder, meta.checkpoint_digest, (record,)
-        case _:
-            folder, digest, record = _base_model_loader(params, stage)(source, project_dir)
-            return folder, digest, (record,)
+            return None
+        case "hf" | "folder":
+            return _from_base_model(stage, params, project_dir, ctx)
+    folder, meta = final_checkpoint(project_dir, source)
+    record = InputRecord(
+        name=f"{source}-final",
+        kind="checkpoint",
+        path=_rel(folder, project_dir),
+        digest=meta.checkpoint_digest,
+    )
+    base = (_base_input(meta.base_model),) if meta.base_model is not None else ()
+    return StartPoint(folder, meta.checkpoint_digest, (record, *base), meta.base_model)
 
 
-def _base_model_loader(params: PipelineParams, stage: StageName) -> BaseModelLoader:
-    if BASE_MODEL_LOADER is None:
-        raise ParamsError(
-            f"stage {stage} starts from {params.spec(stage).from_!r}, but this openrelease cannot "
-            "load base models yet (`from: hf:ORG/NAME@REVISION` or a folder arrives with the "
-            "base-model feature, issue 17); start it from an earlier stage or scratch."
-        )
-    return BASE_MODEL_LOADER
+def _required(start: StartPoint | None, stage: StageName) -> StartPoint:
+    assert start is not None, f"params refuse stage {stage} from scratch"
+    return start
+
+
+def _setup(
+    source: BatchSource,
+    start: StartPoint | None,
+    objective: Objective[Any] | None = None,
+    extra: tuple[InputRecord, ...] = (),
+) -> StageSetup:
+    """A `StageSetup` starting from ``start`` (None: from scratch), with its inputs first."""
+    if start is None:
+        return StageSetup(source, None, None, objective, extra)
+    return StageSetup(
+        source,
+        start.folder,
+        start.digest,
+        objective,
+        (*start.inputs, *extra),
+        base_model=start.base_model,
+    )
+
+
+def _reference(start: StartPoint | InputRecord) -> InputRecord:
+    """The frozen reference's input record: the start's (or an earlier stage's) checkpoint."""
+    init = start.inputs[0] if isinstance(start, StartPoint) else start
+    return init.model_copy(update={"name": "reference", "kind": f"reference-{init.kind}"})
 
 
 def _section(params: PipelineParams, stage: StageName, kind: type[_T]) -> _T:
@@ -121,27 +176,25 @@ def _section(params: PipelineParams, stage: StageName, kind: type[_T]) -> _T:
 def _pretrain_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    folder, digest, inputs = _stage_init(params, stage, project_dir)
-    return StageSetup(PackedSource(store), folder, digest, inputs=inputs)
+    return _setup(PackedSource(store), _start_point(stage, params, project_dir, ctx))
 
 
 def _sft_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    folder, digest, inputs = _stage_init(params, stage, project_dir)
+    start = _start_point(stage, params, project_dir, ctx)
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = ChatSource(
         sft_pairs(store.records("sft")), tokenizer=tokenizer, seq_len=params.stage(stage).seq_len
     )
-    return StageSetup(source, folder, digest, inputs=inputs)
+    return _setup(source, start)
 
 
 def _dpo_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
     p = _section(params, stage, DPOParams)
-    folder, digest, init = _stage_init(params, stage, project_dir)
-    assert folder is not None, "params refuse a dpo stage from scratch"
+    start = _required(_start_point(stage, params, project_dir, ctx), stage)
     pairs = store.records("dpo")
     if not pairs:
         raise ParamsError(
@@ -149,26 +202,26 @@ def _dpo_setup(
             "or synthetic problems (data.synthetic.num_problems)."
         )
     if p.reference is None:  # the policy's starting weights
-        ref_folder, ref = folder, init[0]
+        ref_folder, reference = start.folder, _reference(start)
     else:  # params check it is an earlier stage
         ref_folder, meta = final_checkpoint(project_dir, p.reference)
-        ref = InputRecord(
+        named = InputRecord(
             name=f"{p.reference}-final",
             kind="checkpoint",
             path=_rel(ref_folder, project_dir),
             digest=meta.checkpoint_digest,
         )
-    reference = ref.model_copy(update={"name": "reference", "kind": "reference-checkpoint"})
+        reference = _reference(named)
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = PairSource(pairs, tokenizer=tokenizer, seq_len=p.seq_len)
     objective = DPOObjective(p, source=source, reference=ref_folder)
-    return StageSetup(source, folder, digest, objective, (*init, reference))
+    return _setup(source, start, objective, (reference,))
 
 
 def _distill_setup(
     params: PipelineParams, store: DataStore, project_dir: Path, ctx: DistContext, stage: StageName
 ) -> StageSetup:
-    folder, digest, init = _stage_init(params, stage, project_dir)
+    start = _required(_start_point(stage, params, project_dir, ctx), stage)
     section = _section(params, stage, DistillParams)
     out_dir = Workspace(project_dir).stage_dir(stage)
     teacher = section.teacher
@@ -179,8 +232,7 @@ def _distill_setup(
     record = read_model(out_dir / TEACHER_FILE, TeacherRecord)
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = ChatSource(distill_pairs(out_dir), tokenizer=tokenizer, seq_len=section.seq_len)
-    inputs = (
-        *init,
+    extra = (
         InputRecord(
             name="teacher-traces",
             kind="traces",
@@ -194,7 +246,7 @@ def _distill_setup(
             digest=record.teacher_sha256,
         ),
     )
-    return StageSetup(source, folder, digest, inputs=inputs)
+    return _setup(source, start, extra=extra)
 
 
 def _grpo_setup(
@@ -206,15 +258,13 @@ def _grpo_setup(
             f"{stage}.seq_len {p.seq_len} must exceed {stage}.max_new_tokens {p.max_new_tokens}: "
             "prompts get seq_len - max_new_tokens tokens."
         )
-    folder, digest, init = _stage_init(params, stage, project_dir)
-    assert folder is not None, "params refuse a grpo stage from scratch"
+    start = _required(_start_point(stage, params, project_dir, ctx), stage)
     tokenizer = AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
     source = PromptSource(
         store.records("grpo"), tokenizer=tokenizer, max_prompt_len=p.seq_len - p.max_new_tokens
     )
-    objective = GRPOObjective(p, source=source, tokenizer=tokenizer, reference=folder)
-    reference = init[0].model_copy(update={"name": "reference", "kind": "reference-checkpoint"})
-    return StageSetup(source, folder, digest, objective, (*init, reference))
+    objective = GRPOObjective(p, source=source, tokenizer=tokenizer, reference=start.folder)
+    return _setup(source, start, objective, (_reference(start),))
 
 
 SetupFn = Callable[[PipelineParams, DataStore, Path, DistContext, StageName], StageSetup]
@@ -311,12 +361,11 @@ def run_stage(
             f"stage {stage!r} has kind {kind}, which this openrelease cannot train yet; "
             f"kinds it trains: {', '.join(STAGE_SETUPS)}."
         )
-    if init_kind(params.spec(stage).from_) in ("hf", "folder"):
-        _base_model_loader(params, stage)  # fail before any process group or data is opened
     _, world_size, _ = distributed.env_world()
     distributed.check_world(params.stage(stage), name=stage, world_size=world_size)
     workspace = Workspace(project_dir)
     store = DataStore(workspace.data(params.data.out_dir))
+    check_algorithm(store.manifest.order_algorithm, where=str(store.data_dir / STAGE_MANIFEST))
     ctx = distributed.init_distributed(params.compute)
     log_filter = distributed.RankZeroFilter(ctx.rank)
     handlers = logging.getLogger().handlers
@@ -340,6 +389,7 @@ def run_stage(
             params_digest=stage_params_digest(params, stage),
             init_checkpoint=setup.init_checkpoint,
             init_digest=setup.init_digest,
+            base_model=setup.base_model,
             objective=setup.objective,
             stop_at_step=stop_at_step,
         )

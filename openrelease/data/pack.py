@@ -1,0 +1,237 @@
+"""Tokenise and pack pretraining documents into shards: in processes, incrementally, resumably.
+
+Documents are tokenised in chunks, in ``num_proc`` worker processes when asked (results come
+back in document order, so the output is byte-identical to one process), and packed as one
+``<bos> doc <eos>`` stream cut into ``seq_len`` rows. A shard is written as soon as it holds
+``seqs_per_shard`` rows, so memory holds one shard and the chunks in flight, never the whole
+token stream. Shards and the documents' JSONL go to a work folder keyed by a digest of
+everything that decides their bytes; after each shard a progress file records where the
+stream stood, so a killed run resumes after its last complete shard.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from openrelease.digest import sha256_bytes, sha256_file, sha256_json
+from openrelease.errors import DataError
+from openrelease.manifest import ShardEntry, read_json, write_json
+
+PROGRESS = "progress.json"
+CARRY = "carry.npy"
+DOCS_FILE = "pretrain_docs.jsonl"
+SHARD_DIR = "pretrain"
+CHUNK_DOCS = 512
+"""Documents per tokenisation task."""
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    assert _worker_tokenizer is not None, "the pool initialiser loads the tokenizer"
+    return [e.ids for e in _worker_tokenizer.encode_batch(texts)]
+
+
+def _chunks(texts: Sequence[str], start: int) -> Iterator[list[str]]:
+    for i in range(start, len(texts), CHUNK_DOCS):
+        yield list(texts[i : i + CHUNK_DOCS])
+
+
+def encode_documents(
+    tokenizer: Tokenizer, texts: Sequence[str], *, num_proc: int, start: int = 0
+) -> Iterator[list[list[int]]]:
+    """Token ids of ``texts[start:]``, chunk by chunk, in order; ``num_proc`` > 1 uses processes."""
+    if num_proc <= 1:
+        for chunk in _chunks(texts, start):
+            yield [e.ids for e in tokenizer.encode_batch(chunk)]
+        return
+    # spawn: the parent's tokenizers thread pool must not be forked; each worker single-threaded
+    # so num_proc processes use num_proc cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
+        yield from pool.imap(_encode_chunk, _chunks(texts, start), chunksize=1)
+
+
+@dataclass
+class _Progress:
+    plan: str
+    next_doc: int
+    stream_tokens: int
+    """Tokens emitted into the stream so far (the next document's offset)."""
+    carry: list[int]
+    """Tokens after the last complete shard, not yet in a shard."""
+    docs_bytes: int
+    """Bytes of the documents' JSONL written for documents before ``next_doc``."""
+    shards: list[ShardEntry]
+
+    def save(self, work_dir: Path) -> None:
+        carry = np.asarray(self.carry, dtype=np.int64)
+        tmp = work_dir / (CARRY + ".tmp")
+        with tmp.open("wb") as f:
+            np.save(f, carry, allow_pickle=False)
+        os.replace(tmp, work_dir / CARRY)
+        write_json(
+            work_dir / PROGRESS,
+            {
+                "plan": self.plan,
+                "next_doc": self.next_doc,
+                "stream_tokens": self.stream_tokens,
+                "carry_sha256": sha256_file(work_dir / CARRY),
+                "docs_bytes": self.docs_bytes,
+                "shards": [s.model_dump(mode="json") for s in self.shards],
+            },
+        )
+
+
+def _resume(work_dir: Path, plan: str) -> _Progress | None:
+    """The progress of an earlier run of the same plan whose shards are all intact, if any."""
+    if not (work_dir / PROGRESS).is_file():
+        return None
+    raw = read_json(work_dir / PROGRESS)
+    if raw.get("plan") != plan:
+        return None
+    shards = [ShardEntry.model_validate(s) for s in raw["shards"]]
+    docs = work_dir / DOCS_FILE
+    if not docs.is_file() or docs.stat().st_size < raw["docs_bytes"]:
+        return None
+    for s in shards:
+        path = work_dir / s.path
+        if not path.is_file() or sha256_file(path) != s.sha256:
+            return None
+    carry_path = work_dir / CARRY
+    if not carry_path.is_file() or sha256_file(carry_path) != raw["carry_sha256"]:
+        return None
+    return _Progress(
+        plan=plan,
+        next_doc=raw["next_doc"],
+        stream_tokens=raw["stream_tokens"],
+        carry=np.load(carry_path, allow_pickle=False).tolist(),
+        docs_bytes=raw["docs_bytes"],
+        shards=shards,
+    )
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What packing wrote: shards, the documents' JSONL, and the stream's size."""
+
+    shards: list[ShardEntry]
+    docs_path: Path
+    num_seqs: int
+    resumed_shards: int
+    """Shards kept from a killed earlier run."""
+
+
+def pack_documents(
+    docs: Sequence[dict[str, str]],
+    *,
+    tokenizer: Tokenizer,
+    bos_id: int | None,
+    eos_id: int,
+    seq_len: int,
+    seqs_per_shard: int,
+    num_proc: int,
+    work_dir: Path,
+) -> Packed:
+    """Tokenise ``docs`` (with ids), pack them and write shards and JSONL under ``work_dir``.
+
+    Each document gets ``offset`` and ``length`` (its span in the token stream) in the JSONL.
+    ``work_dir`` is reused when it holds an interrupted run of the same inputs.
+
+    Raises:
+        DataError: The corpus has fewer tokens than one sequence.
+    """
+    plan = sha256_json(
+        {
+            "docs": sha256_bytes(
+                b"".join(json.dumps(d, sort_keys=True).encode() + b"\n" for d in docs)
+            ),
+            "tokenizer": sha256_bytes(tokenizer.to_str().encode()),
+            "bos": bos_id,
+            "eos": eos_id,
+            "seq_len": seq_len,
+            "seqs_per_shard": seqs_per_shard,
+        }
+    )
+    progress = _resume(work_dir, plan)
+    resumed = len(progress.shards) if progress is not None else 0
+    if progress is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        (work_dir / SHARD_DIR).mkdir(parents=True)
+        progress = _Progress(plan, 0, 0, [], 0, [])
+    head = [] if bos_id is None else [bos_id]
+    shard_tokens = seq_len * seqs_per_shard
+    with (work_dir / DOCS_FILE).open("r+b" if resumed else "wb") as out:
+        out.truncate(progress.docs_bytes)
+        out.seek(progress.docs_bytes)
+        carry = progress.carry
+        index = progress.next_doc
+        for ids_chunk in encode_documents(
+            tokenizer, [d["text"] for d in docs], num_proc=num_proc, start=progress.next_doc
+        ):
+            for ids in ids_chunk:
+                row = {
+                    **docs[index],
+                    "offset": str(progress.stream_tokens),
+                    "length": str(len(ids) + 1 + len(head)),
+                }
+                out.write((json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n").encode())
+                carry += [*head, *ids, eos_id]
+                progress.stream_tokens += len(ids) + 1 + len(head)
+                index += 1
+                while len(carry) >= shard_tokens:
+                    rows = np.asarray(carry[:shard_tokens], dtype=np.int32)
+                    carry = carry[shard_tokens:]
+                    _finish_shard(rows.reshape(seqs_per_shard, seq_len), work_dir, progress)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    progress.next_doc, progress.carry = index, carry
+                    progress.docs_bytes = out.tell()
+                    progress.save(work_dir)
+        num_full = len(carry) // seq_len
+        if num_full:
+            rows = np.asarray(carry[: num_full * seq_len], dtype=np.int32)
+            _finish_shard(rows.reshape(num_full, seq_len), work_dir, progress)
+    num_seqs = sum(s.num_seqs for s in progress.shards)
+    if num_seqs == 0:
+        raise DataError(
+            f"the pretraining corpus has {progress.stream_tokens} tokens, fewer than one "
+            f"sequence of data.seq_len {seq_len}; add data or lower seq_len."
+        )
+    return Packed(progress.shards, work_dir / DOCS_FILE, num_seqs, resumed)
+
+
+def _finish_shard(rows: np.ndarray, work_dir: Path, progress: _Progress) -> None:
+    """Write one shard atomically and add it to ``progress``."""
+    rel = f"{SHARD_DIR}/shard-{len(progress.shards):05d}.npy"
+    path = work_dir / rel
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.save(f, np.ascontiguousarray(rows), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    progress.shards.append(
+        ShardEntry(
+            path=rel,
+            sha256=sha256_file(path),
+            size=path.stat().st_size,
+            num_seqs=int(rows.shape[0]),
+            num_tokens=int(rows.size),
+        )
+    )
