@@ -165,22 +165,35 @@ def _params_file(tmp_path: Path, second: dict[str, str], **sections: Any) -> Pat
     return path
 
 
-def test_a_dpo_stage_fails_with_one_line_until_its_trainer_exists(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    path = _params_file(tmp_path, {"name": "dpo", "kind": "dpo"}, dpo=_raw()["sft"])
-    result = CliRunner().invoke(app, ["train", "dpo", "--params", str(path)])
-    assert result.exit_code == 1
-    assert "stage 'dpo' has kind dpo, which this openrelease cannot train yet" in result.output
+def test_a_dpo_kind_stage_gets_dpo_params_and_an_earlier_reference() -> None:
+    from openrelease.params import DPOParams
+
+    raw = _raw()
+    second = {"name": "prefs", "kind": "dpo", "from": "pretrain"}
+    path_raw = _with_stages(
+        [{"name": "pretrain", "kind": "pretrain"}, second], prefs={**raw["dpo"], "beta": 0.3}
+    )
+    params = validate_params(path_raw, source="p.yaml")
+    prefs = params.stage("prefs")
+    assert isinstance(prefs, DPOParams) and prefs.beta == 0.3 and prefs.reference is None
+    path_raw["prefs"]["reference"] = "pretrain"
+    assert validate_params(path_raw, source="p.yaml").stage("prefs") != prefs
+    path_raw["prefs"]["reference"] = "sft"  # a section exists, but no such earlier stage
+    with pytest.raises(ParamsError, match=r"prefs.reference 'sft' is not a stage that runs before"):
+        validate_params(path_raw, source="p.yaml")
 
 
-def test_a_base_model_start_names_the_missing_feature(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_base_model_on_a_branch_is_refused_in_one_line_unless_floating_is_allowed(
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     second = {"name": "sft", "kind": "sft", "from": "hf:Org/base-model@v1.0"}
     path = _params_file(tmp_path, second)
-    result = CliRunner().invoke(app, ["train", "sft", "--params", str(path)])
+    result = CliRunner().invoke(app, ["params", "show", "--params", str(path)])
     assert result.exit_code == 1
-    assert "cannot load base models yet" in result.output and "issue 17" in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "stages: sft from revision 'v1.0' is a branch or tag" in lines[0]
+    assert "allow_floating_revision: true" in lines[0]
+    raw = yaml.safe_load(path.read_text())
+    raw["sft"]["allow_floating_revision"] = True
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_params(path).spec("sft").from_ == "hf:Org/base-model@v1.0"
