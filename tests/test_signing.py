@@ -74,10 +74,14 @@ def test_signature_is_openssf_model_signing_and_pins_the_key(
     generate_key(other)
     wrong = verify_bundle(bundle, trusted_keys=[other.with_name("other.pem.pub")])
     assert not wrong.ok and [p.code for p in wrong.problems] == ["signature", "unsigned"]
-    # A co-signer's file beside model.sig changes nothing for it.
+    # Another file beside model.sig changes nothing for model-signing's verifier, but ours
+    # refuses it: nothing in signatures/ may ride along unchecked (it is outside MANIFEST.json).
     (bundle / "signatures" / "other.sig").write_text("{}")
     assert _model_signing_cli(bundle, pub).returncode == 0
-    assert verify_bundle(bundle, trusted_keys=[pub]).ok
+    extra = verify_bundle(bundle, trusted_keys=[pub])
+    assert [(p.code, p.path) for p in extra.problems] == [
+        ("signature_folder", "signatures/other.sig")
+    ]
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ Reads only; never writes, never loads tensors or pickles, never imports torch.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from openrelease.layout import (
 )
 from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
 from openrelease.verify.safetensors_header import read_safetensors_header
-from openrelease.verify.signing import check_signatures
+from openrelease.verify.signing import check_signatures, is_signature_name
 from openrelease.verify.tokenizer_probe import encode_probe
 from openrelease.verify.untrusted import (
     ProgressFn,
@@ -47,7 +46,6 @@ STAGE_ORDER = ("pretrain", "sft", "dpo", "distill", "grpo")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".distcp", ".npz")
 PICKLE_NAMES = frozenset({".metadata"})
 """torch.distributed.checkpoint's (pickled) metadata file."""
-SIGNATURE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}\.sig\.json")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MOF_PATH_KEYS = frozenset({"path", "location", "component_path", "license_path"})
 
@@ -203,15 +201,16 @@ def _check_manifest(
 
 
 def _check_signature_folder(walked: dict[str, int], report: VerifyReport) -> None:
-    """signatures/ holds only ``<key id>.sig.json`` files: nothing else rides along unchecked."""
+    """signatures/ holds only signature files: nothing else rides along unchecked."""
     prefix = f"{BundleSection.SIGNATURES}/"
     for rel in sorted(r for r in walked if r.startswith(prefix)):
         name = rel.removeprefix(prefix)
-        if "/" in name or not SIGNATURE_NAME.fullmatch(name):
+        if "/" in name or not is_signature_name(name):
             report.add(
                 "signature_folder",
                 rel,
-                "is not a signature (signatures/<key id>.sig.json); it is outside MANIFEST.json "
+                "is not a signature (signatures/model.sig or signatures/<key id>.sig.json); it "
+                "is outside MANIFEST.json "
                 "and would be published unchecked: remove it.",
             )
 

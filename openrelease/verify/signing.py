@@ -39,6 +39,14 @@ if TYPE_CHECKING:
 SUFFIX = ".sig.json"
 MODEL_SIG = "model.sig"
 """The model-signing signature `sign_bundle` writes in ``signatures/``."""
+_SIGNATURE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}\.sig\.json")
+
+
+def is_signature_name(name: str) -> bool:
+    """Whether ``name`` (in ``signatures/``) is a signature file: model.sig or <key id>.sig.json."""
+    return name == MODEL_SIG or _SIGNATURE_NAME.fullmatch(name) is not None
+
+
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_KEY_BYTES = 16 << 10
 MAX_MANIFEST_BYTES = 64 << 20
