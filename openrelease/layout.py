@@ -30,8 +30,9 @@ CHECKPOINT_META = "meta.json"
 STATE_FILE = "state.json"
 """Marks a complete resumable training state."""
 WEIGHTS = "model.safetensors"
-STATE_PORTABLE = "portable"
-"""In a workspace training state: its pickle-free copy, the form a bundle ships (see below)."""
+PORTABLE_CACHE = ".openrelease/portable"
+"""The pickle-free copies of workspace training states, the form a bundle ships (see below):
+``<stage>/step-N``. Outside the training stages' DVC outputs, which the bundle never writes."""
 STATE_MODEL = "model-state.safetensors"
 STATE_OPTIM = "optim-state.safetensors"
 STATE_OPTIM_JSON = "optim-state.json"
@@ -228,6 +229,10 @@ class Workspace:
     def audit(self) -> Path:
         """``audit.json``: the audit report of ``release/``."""
         return self.root / AUDIT
+
+    def portable_state(self, stage: str, step: int) -> Path:
+        """``.openrelease/portable/<stage>/step-N``: the pickle-free copy of a training state."""
+        return self.root / PORTABLE_CACHE / stage / step_name(step)
 
     def hub_snapshot(self, repo_type: str, repo: str, commit: str) -> Path:
         """``.openrelease/hub/<type>s/<ORG>/<NAME>/<commit>``: one Hub commit's fetched files."""

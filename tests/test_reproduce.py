@@ -202,9 +202,10 @@ def test_two_process_run_replays_under_torchrun(project: Path) -> None:
     from openrelease.train.portable import export_state
 
     state = project / "artifacts/pretrain/states/step-4"
-    moved = export_state(state).rename(project / "portable-step-4")
+    portable = export_state(state, project / "portable-step-4")
+    assert {p.name for p in state.iterdir()} >= {".metadata"}  # the DCP state is left as it was
     shutil.rmtree(state)
-    moved.rename(state)  # the state folder now holds exactly what a bundle would
+    portable.rename(state)  # the state folder now holds exactly what a bundle would
     assert {p.name for p in state.iterdir()} == set(PORTABLE_STATE_FILES)
     again = reproduce(project, stage="pretrain")
     assert (again.from_step, again.replay_world_size, again.identical) == (4, 2, True)

@@ -165,7 +165,7 @@ def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
         ]
 
 
-def _add_state(plan: FilePlan, folder: Path, dest: str) -> None:
+def _add_state(plan: FilePlan, folder: Path, dest: str, portable: Path) -> None:
     """Plan a training state in its pickle-free form, converted from the workspace's DCP state.
 
     DCP metadata is a pickle, so a bundle never ships it (see `openrelease.train.portable`);
@@ -178,7 +178,7 @@ def _add_state(plan: FilePlan, folder: Path, dest: str) -> None:
             "bundling training states converts them to safetensors, which needs torch: "
             "pip install 'openrelease[train]', or set release.retention to keep no state."
         ) from None
-    portable = export_state(folder)
+    export_state(folder, portable)
     for name in sorted(PORTABLE_STATE_FILES):
         plan.add_file(f"{dest}/{name}", portable / name, immutable=True)
 
@@ -200,7 +200,8 @@ def _plan_states(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
                     "or change release.retention.",
                     path=str(folder),
                 )
-            _add_state(plan, folder, bundle_state_rel(stage, step))
+            portable = Workspace(project_dir).portable_state(stage, step)
+            _add_state(plan, folder, bundle_state_rel(stage, step), portable)
 
 
 def _plan_certificate(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> ReleaseRecord:
@@ -229,7 +230,8 @@ def _plan_certificate(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
         )
         return rec
     for r, folder in starts.items():
-        _add_state(plan, folder, bundle_state_rel(r.stage, r.from_step))
+        portable = Workspace(project_dir).portable_state(r.stage, r.from_step)
+        _add_state(plan, folder, bundle_state_rel(r.stage, r.from_step), portable)
     plan.add_file(CERTIFICATE, path)
     return dataclasses.replace(rec, certificate=certificate)
 

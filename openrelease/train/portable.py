@@ -18,6 +18,7 @@ safetensors and the strict JSON reader only, and reshards it onto the current pr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,7 +39,6 @@ from openrelease.layout import (
     STATE_MODEL,
     STATE_OPTIM,
     STATE_OPTIM_JSON,
-    STATE_PORTABLE,
     STATE_RNG,
     TMP_PREFIX,
 )
@@ -96,19 +96,35 @@ def _rng_tensors(state_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_state(state_dir: Path) -> Path:
-    """Write the portable form of the DCP state ``state_dir`` into ``state_dir/portable``.
+def _source_stamp(state_dir: Path) -> dict[str, list[int]]:
+    """Name -> [size, mtime_ns] of every file of a DCP state: what its portable copy came from."""
+    return {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(state_dir.iterdir())
+        if p.is_file()
+    }
 
-    A state folder is immutable once published (a new state at the same step replaces the whole
-    folder), so an existing complete ``portable/`` is this state's and is reused.
+
+def export_state(state_dir: Path, out: Path) -> Path:
+    """Write the portable form of the DCP state ``state_dir`` into the folder ``out``.
+
+    ``out`` lies outside ``state_dir`` (the bundle never writes into a training stage's DVC
+    output). A complete ``out`` made from the same state files (``<out>.source.json``: their
+    sizes and mtimes) is reused; anything else is rebuilt and swapped in atomically.
 
     Returns:
-        The portable folder.
+        ``out``.
     """
-    out = state_dir / STATE_PORTABLE
+    stamp_path = out.with_name(f"{out.name}.source.json")
+    stamp = _source_stamp(state_dir)
     if out.is_dir() and {p.name for p in out.iterdir()} == PORTABLE_STATE_FILES:
-        return out
-    tmp = state_dir / f"{TMP_PREFIX}{STATE_PORTABLE}-{os.getpid()}"
+        try:
+            if json.loads(stamp_path.read_text(encoding="utf-8")) == stamp:
+                return out
+        except (OSError, ValueError):
+            pass  # no or unreadable stamp: rebuild
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -131,6 +147,7 @@ def export_state(state_dir: Path) -> Path:
         shutil.copyfile(state_dir / STATE_FILE, tmp / STATE_FILE)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+        write_json(stamp_path, stamp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
