@@ -107,8 +107,13 @@ def test_train_dry_run_prints_launcher(project: Path) -> None:
     assert argv[-4:] == ["train", "pretrain", "--params", "params.yaml"]
 
 
-def test_train_unknown_stage_is_usage_error() -> None:
-    assert runner.invoke(app, ["train", "nope"]).exit_code == 2
+def test_train_unknown_stage_is_one_line_naming_the_stages(project: Path) -> None:
+    """Stage names come from params `stages` (any name), so an unknown one is exit 1, not 2."""
+    assert runner.invoke(app, ["train"]).exit_code == 2  # the stage argument is missing
+    result = runner.invoke(app, ["train", "nope"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "'nope' is not a training stage" in lines[0], result.output
 
 
 def test_publish_confirmation_shows_the_plan_and_hashes_the_bundle_once(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from recording import send_stage
 from torchrun_jobs import finish_job, kill_tree, start_torchrun
 
 from openrelease.digest import sha256_file
@@ -83,6 +84,7 @@ def test_dpo_trains_against_its_starting_weights_and_records_the_run(proj: Path)
     params = load_params(proj / "params.yaml")
     report = run_stage("dpo", params, project_dir=proj)
     assert (report.final_step, report.interrupted) == (5, False)
+    send_stage(proj, "dpo")  # what the launcher's recorder does
 
     rows = _metrics(proj)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

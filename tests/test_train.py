@@ -288,7 +288,14 @@ def test_replay_worker_argv_comes_from_the_launch_builder(tmp_path: Path) -> Non
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert argv[-len(entry) :] == entry and "--standalone" in argv
     with pytest.raises(SystemExit):
-        main(["pre-train", str(tmp_path), "8", "r.json"])  # argparse names the stages
+        main(["pretrain", str(tmp_path), "eight", "r.json"])  # argparse checks the step
+    from project_paths import TEST_PARAMS
+
+    from openrelease.errors import ParamsError
+
+    shutil.copy(TEST_PARAMS, tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match="'pre-train' is not a training stage"):
+        main(["pre-train", str(tmp_path), "8", "r.json"])  # the workspace params name them
 
 
 @pytest.mark.slow

@@ -39,6 +39,18 @@ ALLOWED: dict[tuple[str, str], str] = {
         "export_state reads this workspace's own RNG files; weights_only=True"
     ),
     ("data/store.py", "np.load"): "uint8/int32 token shards, allow_pickle=False (mmap only)",
+    ("data/pack.py", "np.load"): (
+        "the data stage's own resume file (the token carry between shards, checked against the "
+        "sha256 its progress record holds), allow_pickle=False"
+    ),
+    ("train/model.py", "AutoModelForCausalLM.from_pretrained"): (
+        "a base model folder (Hub files each checked against the Hub's digests, or a local "
+        "folder): safetensors only (use_safetensors=True), remote code off"
+    ),
+    ("train/export.py", "AutoTokenizer.from_pretrained"): (
+        "the data stage's tokenizer folder: tokenizer.json and JSON configs only (a fast "
+        "tokenizer; remote code stays off)"
+    ),
     ("train/distill.py", "AutoModelForCausalLM.from_pretrained"): (
         "a local teacher model folder: safetensors only (use_safetensors=True)"
     ),
