@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test lint pytest slow clean-artifacts
+.PHONY: demo test lint pytest slow golden clean-artifacts
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "openrelease needs Python >= 3.11; set PYTHON=python3.11")'
@@ -33,12 +33,15 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 pytest: $(STAMP)
-	$(BIN)/pytest -m "not gpu"
+	$(BIN)/pytest -m "not gpu and not golden"
 
 test: lint pytest
 
 slow: $(STAMP)
 	$(BIN)/pytest -m "slow"
+
+golden: $(STAMP)
+	$(BIN)/pytest -m "golden"
 
 clean-artifacts:
 	rm -rf $(DEMO)

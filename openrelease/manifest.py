@@ -331,6 +331,8 @@ class StageRecord(Record):
     seed: int
     git: GitInfo
     environment: dict[str, str]
+    fingerprint: dict[str, str] = {}
+    """Hardware and kernel fingerprint (openrelease.record.fingerprint); empty in old records."""
     inputs: tuple[InputRecord, ...]
     checkpoints: tuple[CheckpointMeta, ...]
     final_metrics: dict[str, float]

@@ -293,8 +293,19 @@ class ComputeParams(Params):
     """Recompute decoder-layer activations in the backward pass to save memory."""
     compile: bool = False
     """torch.compile each decoder layer."""
-    deterministic: bool = True
-    """torch.use_deterministic_algorithms and fixed seeds: same hardware, same bits."""
+    deterministic: bool | Literal["portable"] = "portable"
+    """``portable`` (default): deterministic kernels with the CPU kernel ISA pinned to AVX2
+    before torch starts (ATEN_CPU_CAPABILITY), so any x86-64 CPU of the last decade gives the
+    same bits; ``true``: deterministic kernels, same bits on the same hardware only; ``false``:
+    fastest kernels, not reproducible. On CUDA, portable and true both mean deterministic
+    algorithms and a fixed cuBLAS workspace (GPU kernels differ between GPU models)."""
+
+    @property
+    def determinism(self) -> Literal["portable", "true", "false"]:
+        """``deterministic`` as one word: ``portable``, ``true`` or ``false``."""
+        if self.deterministic == "portable":
+            return "portable"
+        return "true" if self.deterministic else "false"
 
     @model_validator(mode="after")
     def _check_multinode(self) -> ComputeParams:

@@ -93,7 +93,9 @@ def test_missing_stage_manifest_names_the_fix(tmp_path: Path) -> None:
 
 @pytest.fixture
 def one_rank() -> Iterator[distributed.DistContext]:
-    ctx = distributed.init_distributed(ComputeParams(device="cpu", launcher="python"))
+    ctx = distributed.init_distributed(
+        ComputeParams(device="cpu", launcher="python", deterministic=True)
+    )
     try:
         yield ctx
     finally:

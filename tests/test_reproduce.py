@@ -262,3 +262,54 @@ def _crafted_pickle_in_a_bundle_state_runs_nothing(bundle: Path, tmp_path: Path)
     assert "states/pretrain/step-6 holds '.metadata'" in lines[0]
     assert "pickle-free" in lines[0] and "nothing ran" in lines[0]
     assert not sentinel.exists()
+
+
+@pytest.mark.slow
+def test_replay_under_other_kernels_drifts_and_json_names_the_fingerprint_difference(
+    ws: Path,
+) -> None:
+    """deterministic: true (the test recipe) replayed with ATen's baseline kernels: a drift that
+    `reproduce --json` explains by the kernel ISA (on every x86-64 CPU: DEFAULT is below AVX2)."""
+    record = json.loads((ws / "artifacts/pretrain/record.json").read_text())
+    recorded = record["fingerprint"]["torch.cpu_capability"]
+    if recorded == "DEFAULT":
+        pytest.skip("this CPU already runs ATen's baseline kernels; nothing to force")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    args = ["reproduce", str(ws), "--stage", "pretrain", "--from-step", "6", "--to-step", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "openrelease", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["identical"] is False and report["deterministic"] == "true"
+    diffs = {d["key"]: d for d in report["fingerprint_differences"]}
+    assert diffs["torch.cpu_capability"] == {
+        "key": "torch.cpu_capability",
+        "recorded": recorded,
+        "replayed": "DEFAULT",
+        "explains": True,
+    }
+    assert diffs["env.ATEN_CPU_CAPABILITY"]["replayed"] == "default"
+    assert f"torch.cpu_capability: {recorded} -> DEFAULT" in report["explanation"]
+
+
+def test_doctored_record_lists_the_fingerprint_differences(ws: Path) -> None:
+    """A record made on another CPU: an identical replay still lists what differs."""
+    path = ws / "artifacts/pretrain/record.json"
+    record = json.loads(path.read_text())
+    fp = record["fingerprint"]
+    assert fp["compute.deterministic"] == "true" and fp["job.world_size"] == "1"
+    fp.update({"cpu.model": "AMD EPYC 9654 96-Core Processor", "cpu.vendor": "AuthenticAMD"})
+    fp["torch.threads"] = "4"
+    path.write_text(json.dumps(record))
+    report = reproduce(ws, stage="pretrain", from_step=6, to_step=8)
+    assert report.identical and report.explanation is None
+    diffs = {d.key: (d.recorded, d.explains) for d in report.fingerprint_differences}
+    assert diffs["cpu.model"] == ("AMD EPYC 9654 96-Core Processor", True)  # unpinned kernels
+    assert diffs["cpu.vendor"] == ("AuthenticAMD", True)
+    assert diffs["torch.threads"] == ("4", True)
+    assert "torch.cpu_capability" not in diffs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import redirect_stdout
@@ -48,14 +47,19 @@ def train_cmd(
 ) -> None:
     """Run one training stage on this process (every rank of a torchrun job calls this)."""
     if dry_run:
-        from openrelease.train.launch import launch_command
+        from openrelease.train.launch import determinism_env, launch_command
 
-        argv = launch_command(load_params(params).compute, stage=stage, params_path=str(params))
+        compute = load_params(params).compute
+        argv = launch_command(compute, stage=stage, params_path=str(params))
+        pins = determinism_env(compute)
         if as_json:
-            print_json({"argv": argv})
+            print_json({"argv": argv, "env": pins})
         else:
-            out.print(" ".join(argv), highlight=False)
+            out.print(" ".join([*(f"{k}={v}" for k, v in pins.items()), *argv]), highlight=False)
         return
+    from openrelease.train.launch import pin_environment
+
+    pin_environment(load_params(params).compute)  # before torch starts (import below)
     from openrelease.train import main_from_cli
 
     report = main_from_cli(stage, params, Path.cwd())
@@ -91,7 +95,7 @@ def launch_cmd(
     from openrelease.errors import ParamsError
     from openrelease.record.recorder import run_recorded
     from openrelease.record.tracking import stage_run_key, tracking_uri
-    from openrelease.train.launch import launch_command
+    from openrelease.train.launch import determinism_env, launch_command, launch_env
 
     check_before_stage(params)
     pipeline = load_params(params)
@@ -102,12 +106,12 @@ def launch_cmd(
         )
     compute = pipeline.compute
     argv = launch_command(compute, stage=stage, params_path=str(params), resolve=True)
-    err.print(f"$ {' '.join(argv)}", highlight=False)
-    env = {"OMP_NUM_THREADS": str(compute.num_threads), **os.environ}  # the trainer sets threads
+    pins = " ".join(f"{k}={v}" for k, v in determinism_env(compute).items())
+    err.print(f"$ {pins + ' ' if pins else ''}{' '.join(argv)}", highlight=False)
     project = Path.cwd()
     code = run_recorded(  # the trainer journals; a recorder process beside it sends to MLflow
         argv,
-        env=env,
+        env=launch_env(compute),  # the determinism pins reach every rank before torch starts
         project_dir=project,
         run_key=stage_run_key(project, pipeline, stage),
         tracking_uri=tracking_uri(project),
@@ -158,10 +162,13 @@ def eval_cmd(
     if checkpoint is not None or task:
         _score_one(checkpoint, task or [], include_path, num_fewshot, limit, batch_size, as_json)
         return
-    from openrelease.eval.stage import run_eval_stage
+    from openrelease.train.launch import pin_environment
 
     check_before_stage(params)
     pipeline = load_params(params)
+    pin_environment(pipeline.compute)  # greedy decoding is numerics too: same kernels as training
+    from openrelease.eval.stage import run_eval_stage
+
     bar, progress = _eval_progress()
     with bar, redirect_stdout(sys.stderr):  # lm-eval prints progress on stdout
         summary = run_eval_stage(
@@ -341,6 +348,15 @@ def _print_reproduce(report: ReproduceReport) -> None:
     )
     for note in report.notes:
         out.print(f"  [yellow]note:[/yellow] {escape(note)}", markup=True)
+    if report.fingerprint_differences:
+        hosts = Table("fingerprint", "recorded", "replaying host", "can explain drift")
+        for fd in report.fingerprint_differences:
+            hosts.add_row(
+                fd.key, fd.recorded or "-", fd.replayed or "-", "yes" if fd.explains else "no"
+            )
+        out.print(hosts)
+    if report.explanation:
+        out.print(f"  [yellow]why:[/yellow] {escape(report.explanation)}", markup=True)
     if report.identical:
         return
     files = Table("file", "recorded", "on disk", "replayed")

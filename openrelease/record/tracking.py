@@ -30,6 +30,7 @@ from openrelease.manifest import (
     write_text_atomic,
 )
 from openrelease.params import PipelineParams
+from openrelease.record.fingerprint import fingerprint
 from openrelease.record.journal import EMBEDDED_DB, JOURNALS, Journal, journal_dir, now_ms
 from openrelease.record.runinfo import (
     checkpoint_model_key,
@@ -145,6 +146,7 @@ class StageTracker:
         self._logged: set[tuple[str, str | None, str, int, float]] | None = None
         self._git: GitInfo | None = None
         self._env: dict[str, str] = {}
+        self._fingerprint: dict[str, str] = {}
 
     def _rel(self, path: Path) -> str:
         """``path`` relative to the project (the journal and record move with it)."""
@@ -194,6 +196,10 @@ class StageTracker:
         self._inputs = tuple(inputs)
         self._git = git_info(self.project_dir, self.journal.journal_dir)
         self._env = environment_info(world_size=self._world_size, num_threads=self._num_threads)
+        compute = self.params.compute
+        self._fingerprint = fingerprint(
+            world_size=self._world_size, nnodes=compute.nnodes, mode=compute.determinism
+        )
         freeze_path = self.journal.journal_dir / "pip-freeze.txt"
         write_text_atomic(freeze_path, pip_freeze())
         params_path = self.journal.journal_dir / "params.resolved.json"
@@ -208,6 +214,7 @@ class StageTracker:
             "openrelease.params_digest": sha256_json(stage_params),
             "openrelease.git_dirty": str(self._git.dirty).lower(),
             **{f"env.{k}": redact(v) for k, v in self._env.items()},
+            **{f"fingerprint.{k}": redact(v)[:5000] for k, v in self._fingerprint.items()},
         }
         if self._git.experiment is not None:
             tags["openrelease.dvc_experiment"] = self._git.experiment
@@ -464,6 +471,7 @@ class StageTracker:
             seed=self.params.seed,
             git=self._git or GitInfo(commit=None, dirty=False, diff_sha256=None),
             environment=self._env,
+            fingerprint=self._fingerprint,
             inputs=self._inputs,
             checkpoints=tuple(self._checkpoints),
             final_metrics=self._final,

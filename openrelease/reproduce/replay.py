@@ -31,17 +31,20 @@ from openrelease.layout import (
     stage_rel,
     state_rel,
 )
-from openrelease.manifest import CheckpointMeta, StageManifest, dump_json, read_model, write_json
-from openrelease.params import (
-    ComputeParams,
-    DistillParams,
-    PipelineParams,
-    StageName,
-    load_params,
+from openrelease.manifest import (
+    CheckpointMeta,
+    StageManifest,
+    dump_json,
+    read_json,
+    read_model,
+    write_json,
+    write_text_atomic,
 )
+from openrelease.params import ComputeParams, DistillParams, PipelineParams, StageName, load_params
+from openrelease.record.fingerprint import fingerprint
 from openrelease.train import TrainReport, run_stage
 from openrelease.train.distill import TEACHER_FILE, TRACES_FILE
-from openrelease.train.launch import launcher_argv
+from openrelease.train.launch import launch_env, launcher_argv
 
 
 class ReplayError(OpenReleaseError):
@@ -174,36 +177,61 @@ def failure_line(log_text: str) -> str:
     return line[:500]
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay ran: rank 0's report and the replaying host's fingerprint."""
+
+    report: TrainReport
+    fingerprint: dict[str, str]
+
+
+def replay_fingerprint(params: PipelineParams, *, world_size: int) -> dict[str, str]:
+    """The fingerprint of this (replaying) process, as the trainer records it."""
+    compute = params.compute
+    return fingerprint(world_size=world_size, nnodes=compute.nnodes, mode=compute.determinism)
+
+
 def run_replay(
     root: Path, stage: StageName, params: PipelineParams, *, stop_at_step: int, world_size: int
-) -> TrainReport:
+) -> Replayed:
     """Resume ``stage`` in the scratch workspace ``root`` and run it to ``stop_at_step``.
 
-    One process runs here; more run `main` under ``python -m torch.distributed.run
-    --standalone`` (argv from `openrelease.train.launch`) with ``root/params.yaml`` (which must
-    equal ``params``), on this machine.
+    One process under ``compute.deterministic`` true or false runs here; a ``portable`` one
+    (whose kernel pins must precede torch) and more than one run `main` under ``python`` or
+    ``python -m torch.distributed.run --standalone`` (argv from `openrelease.train.launch`, the
+    environment from its `launch_env`) with ``root/params.yaml`` (which must equal ``params``),
+    on this machine.
 
     Raises:
-        ReplayError: The torchrun job failed (the message ends with its log).
+        ReplayError: The replay process failed (the message ends with its log).
     """
-    if world_size == 1:
-        return run_stage(stage, params, project_dir=root, stop_at_step=stop_at_step, record=False)
+    if world_size == 1 and params.compute.determinism != "portable":
+        report = run_stage(stage, params, project_dir=root, stop_at_step=stop_at_step, record=False)
+        return Replayed(report, replay_fingerprint(params, world_size=1))
     report_path, log_path = root / "replay-report.json", root / "replay.log"
     local = ComputeParams(launcher="torchrun", nproc_per_node=world_size)
+    if world_size == 1:
+        local = ComputeParams(launcher="python")
     entry = worker_entry(stage, root, stop_at_step=stop_at_step, report=report_path)
     cmd = launcher_argv(local, entry, resolve=True)
     path = [str(_package_root()), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    env = {**launch_env(params.compute), "PYTHONPATH": os.pathsep.join(path)}
     with log_path.open("wb") as log:
         proc = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=log, check=False)
-    if proc.returncode != 0 or not report_path.is_file():
+    found = root / FINGERPRINT_FILE
+    if proc.returncode != 0 or not report_path.is_file() or not found.is_file():
         log_text = log_path.read_text(encoding="utf-8", errors="replace")
         raise ReplayError(
             f"the {world_size}-process replay of {stage} failed (exit {proc.returncode}): "
             f"{failure_line(log_text)}; re-run with OPENRELEASE_DEBUG=1 for the workers' log."
             + (f"\n{log_text[-3000:]}" if os.environ.get("OPENRELEASE_DEBUG") else "")
         )
-    return read_model(report_path, TrainReport)
+    host: dict[str, str] = read_json(found)
+    return Replayed(read_model(report_path, TrainReport), host)
+
+
+FINGERPRINT_FILE = "replay-fingerprint.json"
+"""Where rank 0 of a replay worker writes its fingerprint, beside its report."""
 
 
 # --------------------------------------------------------------------------- worker entry
@@ -236,6 +264,8 @@ def main(argv: list[str]) -> None:
         stage, params, project_dir=root, stop_at_step=args.stop_at_step, record=False
     )
     if report.rank == 0:
+        host = replay_fingerprint(params, world_size=report.world_size)
+        write_text_atomic(root / FINGERPRINT_FILE, dump_json(host))
         write_json(args.report, report)
 
 

@@ -34,8 +34,10 @@ from openrelease.manifest import (
     write_json,
 )
 from openrelease.params import PipelineParams, StageName, load_params
+from openrelease.record.fingerprint import Difference, compare, explain
 from openrelease.reproduce.diff import CheckpointDiff, diff_checkpoints
 from openrelease.reproduce.replay import (
+    Replayed,
     ReplayError,
     build_scratch,
     device_name,
@@ -44,14 +46,15 @@ from openrelease.reproduce.replay import (
     scratch_for,
 )
 from openrelease.safeio import loads_json, read_regular
-from openrelease.train import TrainReport, stage_params_digest
 from openrelease.train import checkpoint as ckpt
+from openrelease.train import stage_params_digest
 from openrelease.train.portable import pickle_free_problem
 from openrelease.verify.tokenizer_probe import has_own_regex
 
 GUARANTEE = (
-    "bitwise identical sha256 when replayed with the recorded world size and thread count on "
-    "the same hardware class with compute.deterministic; elsewhere the drift is measured"
+    "bitwise identical sha256 when replayed with the recorded world size and thread count: "
+    "on any x86-64 CPU with AVX2 under compute.deterministic: portable, on the same hardware "
+    "class under true; elsewhere the drift is measured and the fingerprint names its causes"
 )
 _VERSIONED = ("torch", "transformers", "openrelease")
 """Packages whose recorded version (record.json) a replay compares with its own."""
@@ -78,6 +81,12 @@ class ReproduceReport(CheckpointDiff):
     replay_num_threads: int
     seconds: float
     """Wall time of the replay: scratch workspace, training (process start included), diff."""
+    deterministic: str
+    """The recorded run's ``compute.deterministic``: portable, true or false."""
+    fingerprint_differences: tuple[Difference, ...] = ()
+    """Where the replaying host's fingerprint differs from record.json's (none: no record)."""
+    explanation: str | None = None
+    """On drift: the differences that can explain it, or that none can (nondeterminism)."""
 
     def to_replay(self) -> StageReplay:
         """This report as a certificate entry."""
@@ -305,6 +314,8 @@ class _Replay:
     num_threads: int
     env: dict[str, str]
     """The recorded run's environment (record.json); empty without one."""
+    fingerprint: dict[str, str]
+    """The recorded run's hardware and kernel fingerprint (record.json); empty without one."""
 
 
 def _plan(
@@ -357,10 +368,11 @@ def _plan(
         world_size=world_size,
         num_threads=int(info.get("num_threads") or env.get("num_threads") or compute.num_threads),
         env=env,
+        fingerprint=record.fingerprint if record is not None else {},
     )
 
 
-def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[TrainReport, CheckpointDiff]:
+def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[Replayed, CheckpointDiff]:
     """Build the scratch workspace in ``root``, replay, and diff against the recorded checkpoint."""
     (first, last), stage = plan.steps, plan.stage
     target = plan.target
@@ -376,9 +388,10 @@ def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[TrainReport, Check
     build_scratch(root, scratch)
     say(f"replaying {stage} steps {first + 1}..{last} on {plan.world_size} process(es)")
     replayed = run_replay(root, stage, params, stop_at_step=last, world_size=plan.world_size)
-    if (replayed.start_step, replayed.final_step) != (first, last):
+    report = replayed.report
+    if (report.start_step, report.final_step) != (first, last):
         raise ReplayError(
-            f"the replay ran steps {replayed.start_step + 1}..{replayed.final_step}, "
+            f"the replay ran steps {report.start_step + 1}..{report.final_step}, "
             f"not {first + 1}..{last}; see the warnings above."
         )
     recorded_dir = target.checkpoint(stage, last)
@@ -442,6 +455,12 @@ def reproduce(
         if plan.env.get(dist, here) != here:
             notes.append(f"recorded with {dist} {plan.env[dist]}, replayed with {here}")
     compute = plan.params.compute
+    differences = compare(plan.fingerprint, replayed.fingerprint)
+    if not plan.fingerprint:
+        notes.append(
+            "the record has no hardware fingerprint (an older openrelease wrote it); "
+            "what differs between the machines cannot be named"
+        )
     return ReproduceReport(
         **{**dict(diff), "notes": tuple(notes)},
         target=str(target),
@@ -452,10 +471,13 @@ def reproduce(
         world_size=plan.world_size,
         device=device_name(plan.env, compute),
         num_threads=plan.num_threads,
-        replay_world_size=replayed.world_size,
+        replay_world_size=replayed.report.world_size,
         replay_device=device_name(local_env(), compute),
         replay_num_threads=compute.num_threads,
         seconds=round(time.monotonic() - started, 3),
+        deterministic=compute.determinism,
+        fingerprint_differences=tuple(differences),
+        explanation=None if diff.identical or not plan.fingerprint else explain(differences),
     )
 
 

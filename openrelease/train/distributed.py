@@ -20,6 +20,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from openrelease.errors import OpenReleaseError, ParamsError
 from openrelease.params import ComputeParams, TrainStageParams
+from openrelease.record.fingerprint import cpu_fingerprint
+from openrelease.train.launch import PORTABLE_CPU_ENV, pin_environment
 from openrelease.train.model import decoder_layers
 
 T = TypeVar("T")
@@ -91,16 +93,43 @@ def resolve_device(compute: ComputeParams) -> torch.device:
 
 
 def apply_determinism(compute: ComputeParams, *, device: torch.device) -> None:
-    """Pin the thread count and, when ``compute.deterministic``, deterministic kernels."""
+    """Pin the thread count and, unless ``compute.deterministic`` is false, deterministic kernels.
+
+    ``portable`` also needs the CPU kernel ISA of `openrelease.train.launch.PORTABLE_CPU_ENV`:
+    `openrelease launch` and `openrelease train` set it before torch starts; here it is set
+    again (it still takes effect while torch has run no op) and checked.
+
+    Raises:
+        ParamsError: ``portable``, but this process already runs other CPU kernels.
+    """
     torch.set_num_threads(compute.num_threads)
-    if not compute.deterministic:
+    mode = compute.determinism
+    if mode == "false":
         return
-    if device.type == "cuda":
-        # cuBLAS needs a fixed workspace for deterministic GEMMs; must precede its first use.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    pin_environment(compute)
+    if mode == "portable":
+        check_portable_kernels()
+    if device.type == "cuda":  # pin_environment set CUBLAS_WORKSPACE_CONFIG (CUDA_ENV)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+
+
+def check_portable_kernels() -> None:
+    """Fail unless torch dispatches to the portable CPU kernel ISA (AVX2) on a CPU that has it.
+
+    Raises:
+        ParamsError: torch chose its kernels before the pin was set (another ISA runs).
+    """
+    want = PORTABLE_CPU_ENV["ATEN_CPU_CAPABILITY"].upper()
+    have = str(torch.backends.cpu.get_cpu_capability())
+    has_avx2 = "avx2" in cpu_fingerprint()["cpu.isa"].split(",")
+    if have != want and has_avx2:  # without AVX2 (arm64, POWER, old x86) the pin is moot
+        raise ParamsError(
+            f"compute.deterministic is portable but this process already runs {have} CPU "
+            f"kernels; start it with ATEN_CPU_CAPABILITY={want.lower()} (openrelease launch "
+            "does), or set compute.deterministic: true."
+        )
 
 
 def init_distributed(compute: ComputeParams) -> DistContext:

@@ -4,15 +4,80 @@
 launchers by params alone: in its portable form (``python``, ``torchrun``) for ``train --dry-run``
 and the README, or resolved to this interpreter for ``openrelease launch``. `launcher_argv` puts
 any ``-m module ...`` entry under a launcher; the replay (openrelease.reproduce.replay) uses it
-for its worker.
+for its worker. `launch_env` gives the environment of those processes: the kernel pins of
+``compute.deterministic`` (`determinism_env`), which must be in place before torch starts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
 from openrelease.params import ComputeParams, StageName
+
+PORTABLE_CPU_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+"""What ``compute.deterministic: portable`` pins on CPU, before torch starts in every rank.
+
+Each library compiles its kernels for several ISAs and picks one at run time; AVX2 is what every
+x86-64 CPU since 2013 (Haswell, Zen 1) has. Measured on an Intel Xeon (KVM guest with
+AVX-512, AVX512_FP16, AMX) on 2026-12-02, torch 2.13.0+cpu (MKL 2024.2, oneDNN 3.12), the
+tiny recipe's Llama, 20 AdamW steps, 1 thread, sha256 of the weights:
+
+- ATen (``ATEN_CPU_CAPABILITY``): default AVX512 and ``avx2`` give different weights. Pinned.
+- MKL (``MKL_CBWR``, conditional numerical reproducibility): under ATen ``avx2``, unset and
+  ``AVX2`` give different weights on this Intel CPU (MKL's sgemm takes its AVX-512 path by
+  default; on the AMD EPYC of issue 20 it did not move, MKL runs AVX2 code there). ``AVX2`` is
+  MKL's documented way to get the same results on every CPU with AVX2 (= ``MKL_ENABLE_
+  INSTRUCTIONS=AVX2`` here; ``AVX2,STRICT`` gives yet other bits). Pinned.
+- oneDNN (``ONEDNN_MAX_CPU_ISA``): ``AVX2`` and unset give the same weights (fp32 training does
+  not reach oneDNN). Pinned anyway, at no measured cost, because bf16 matmuls and convolutions
+  do reach it and pick AVX-512/AMX kernels by ISA.
+
+The thread count changes bits too (1 vs 2 threads differ), which is why ``compute.num_threads``
+is part of the recipe. See README "Portable determinism" and bench/portable_kernels.py.
+"""
+CUDA_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+"""Deterministic cuBLAS GEMMs need a fixed workspace, set before the first cuBLAS call."""
+
+
+def determinism_env(compute: ComputeParams) -> dict[str, str]:
+    """The environment ``compute.deterministic`` pins in every rank (empty under ``false``).
+
+    ``portable``: the CPU kernel ISA (`PORTABLE_CPU_ENV`); ``true`` and ``portable`` on a
+    device that may be CUDA: the cuBLAS workspace (`CUDA_ENV`). NCCL settings are not pinned;
+    the fingerprint records every ``NCCL_*`` variable a run had.
+    """
+    mode = compute.determinism
+    env: dict[str, str] = {}
+    if mode == "false":
+        return env
+    if mode == "portable":
+        env.update(PORTABLE_CPU_ENV)
+    if compute.device != "cpu":
+        env.update(CUDA_ENV)
+    return env
+
+
+def launch_env(compute: ComputeParams, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the training processes: ``environ`` plus the determinism pins.
+
+    The pins win over ``environ`` (a stray ``ATEN_CPU_CAPABILITY`` cannot undo portability);
+    ``OMP_NUM_THREADS`` defaults to ``compute.num_threads`` (the trainer sets threads too).
+    """
+    base = dict(os.environ if environ is None else environ)
+    return {"OMP_NUM_THREADS": str(compute.num_threads), **base, **determinism_env(compute)}
+
+
+def pin_environment(
+    compute: ComputeParams, environ: MutableMapping[str, str] | None = None
+) -> None:
+    """Set the determinism pins in this process (call before torch runs its first op)."""
+    (os.environ if environ is None else environ).update(determinism_env(compute))
 
 
 def train_entry(stage: StageName, params_path: str = "params.yaml") -> list[str]:

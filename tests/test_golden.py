@@ -1,0 +1,93 @@
+"""Golden digests: the tiny recipe gives the recorded bytes on whichever machine runs the tests.
+
+tests/golden/tiny.json was made in portable mode (tests/golden/regenerate.py); on any x86-64 CPU
+with AVX2, replaying pretrain to its first checkpoint must give the same sha256 (`make golden`;
+in `make test` once a second CPU vendor has confirmed the digests, see README).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from project_paths import REPO_ROOT
+
+from openrelease.layout import CHECKPOINT_META, WEIGHTS, Workspace
+from openrelease.manifest import CheckpointMeta, read_model
+from openrelease.params import load_params
+from openrelease.record.fingerprint import cpu_fingerprint
+
+GOLDEN = REPO_ROOT / "tests" / "golden" / "tiny.json"
+RECIPE = REPO_ROOT / "pipelines" / "tiny.yaml"
+REGENERATE = ".venv/bin/python tests/golden/regenerate.py"
+
+
+def _golden() -> dict[str, dict[str, object]]:
+    data: dict[str, dict[str, object]] = json.loads(GOLDEN.read_text())
+    return data
+
+
+def test_golden_file_covers_every_checkpoint_of_the_recipe() -> None:
+    golden, params = _golden(), load_params(RECIPE)
+    assert params.compute.determinism == "portable"
+    expected = set()
+    for stage in params.train_stages:
+        section = params.stage(stage)
+        steps = range(section.checkpoint_every, section.num_steps + 1, section.checkpoint_every)
+        expected |= {f"{stage}/step-{s}" for s in {*steps, section.num_steps}}
+    assert set(golden["checkpoints"]) == expected, f"recipe changed? run {REGENERATE}"
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", str(v)) for v in golden["checkpoints"].values())
+    assert set(golden["eval"]) == set(params.train_stages)
+
+
+def test_readme_carries_the_golden_eval_numbers() -> None:
+    """The README's golden table is the eval section of tiny.json, to the printed digits."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("<!-- golden-eval -->")[1]
+    rows = {
+        cells[0]: cells[1:]
+        for line in block.splitlines()
+        if line.startswith("| ") and not line.startswith("| stage")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    metrics = ("arithmetic_exact_match", "arithmetic_format_rate", "heldout_loss")
+    for stage, values in _golden()["eval"].items():
+        assert isinstance(values, dict)
+        want = [f"{100 * float(values[m]):.1f} %" for m in metrics[:2]]
+        want.append(f"{float(values[metrics[2]]):.3f}")
+        assert rows[stage] == want, f"README golden table is stale; run {REGENERATE}"
+
+
+@pytest.mark.slow
+@pytest.mark.golden  # opt-in (make golden) until a second CPU vendor confirms: README
+def test_tiny_pretrain_first_checkpoint_matches_the_golden_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny recipe's pretrain to its first checkpoint, 2 gloo ranks, portable mode.
+
+    Run under ``ATEN_CPU_CAPABILITY=default`` in the caller's environment: the launcher's pins
+    must win, so the bytes are the golden ones whatever the caller set.
+    """
+    from openrelease.data.stage import build_data
+    from openrelease.reproduce.replay import run_replay
+
+    shutil.copy(RECIPE, tmp_path / "params.yaml")
+    params = load_params(tmp_path / "params.yaml")
+    build_data(params.data, seed=params.seed, project_dir=tmp_path)
+    first = params.pretrain.checkpoint_every
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    replayed = run_replay(tmp_path, "pretrain", params, stop_at_step=first, world_size=2)
+    assert replayed.fingerprint["torch.cpu_capability"] == "AVX2"
+    meta = read_model(
+        Workspace(tmp_path).checkpoint("pretrain", first) / CHECKPOINT_META, CheckpointMeta
+    )
+    weights = next(f.sha256 for f in meta.files if f.path == WEIGHTS)
+    key = f"pretrain/step-{first}"
+    assert weights == _golden()["checkpoints"][key], (
+        f"{key} is {weights} on {cpu_fingerprint()['cpu.model']}, not the golden digest: if the "
+        f"recipe, the data or the training code changed on purpose, run {REGENERATE}; "
+        "otherwise bit-identity across machines is broken (report this CPU)."
+    )
