@@ -303,13 +303,15 @@ def test_doctored_record_lists_the_fingerprint_differences(ws: Path) -> None:
     record = json.loads(path.read_text())
     fp = record["fingerprint"]
     assert fp["compute.deterministic"] == "true" and fp["job.world_size"] == "1"
-    fp.update({"cpu.model": "AMD EPYC 9654 96-Core Processor", "cpu.vendor": "AuthenticAMD"})
+    # Another vendor and model than this machine's, whichever this machine is.
+    vendor = "GenuineIntel" if fp.get("cpu.vendor") == "AuthenticAMD" else "AuthenticAMD"
+    fp.update({"cpu.model": "Doctored CPU 9999", "cpu.vendor": vendor})
     fp["torch.threads"] = "4"
     path.write_text(json.dumps(record))
     report = reproduce(ws, stage="pretrain", from_step=6, to_step=8)
     assert report.identical and report.explanation is None
     diffs = {d.key: (d.recorded, d.explains) for d in report.fingerprint_differences}
-    assert diffs["cpu.model"] == ("AMD EPYC 9654 96-Core Processor", True)  # unpinned kernels
-    assert diffs["cpu.vendor"] == ("AuthenticAMD", True)
+    assert diffs["cpu.model"] == ("Doctored CPU 9999", True)  # unpinned kernels
+    assert diffs["cpu.vendor"] == (vendor, True)
     assert diffs["torch.threads"] == ("4", True)
     assert "torch.cpu_capability" not in diffs
