@@ -7,13 +7,12 @@ import math
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from recording import send_stage
-from torchrun_jobs import finish_job, kill_tree, start_torchrun
+from torchrun_jobs import kill_then_resume, start_torchrun
 
 from openrelease.digest import sha256_file
 from openrelease.manifest import StageRecord, read_model
@@ -145,22 +144,7 @@ def _checkpoint_hashes(project: Path) -> dict[str, str]:
 def test_two_rank_dpo_killed_and_resumed_matches(proj: Path, tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     shutil.copytree(proj, killed)
-    reference = _dpo_job(proj)
-    proc = _dpo_job(killed)
-    metrics = killed / "artifacts/dpo/metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        # Line 3 appears after the state of step 1 is published (states publish one save late).
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    kill_tree(proc)
-    finish_job(reference, proj)
-    assert not (killed / "artifacts/dpo/manifest.json").exists()
-    finish_job(_dpo_job(killed), killed)
-    last_log = sorted(killed.glob("torchrun-*.log"))[-1].read_text()
-    assert "resumed dpo from" in last_log
+    kill_then_resume(_dpo_job, proj, killed, "dpo")
 
     want = _checkpoint_hashes(proj)
     assert sorted(want) == [f"step-{s}/model.safetensors" for s in (2, 4, 5)]

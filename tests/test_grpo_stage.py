@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from recording import send_stage
-from torchrun_jobs import finish_job, kill_tree, start_torchrun
+from torchrun_jobs import kill_then_resume, start_torchrun
 
 from openrelease.data.store import DataStore
 from openrelease.manifest import StageRecord, read_model
@@ -244,22 +243,7 @@ def _grpo_job(project: Path) -> subprocess.Popen[bytes]:
 def test_two_rank_grpo_killed_and_resumed_matches(proj: Path, tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     shutil.copytree(proj, killed)
-    reference = _grpo_job(proj)
-    proc = _grpo_job(killed)
-    metrics = killed / "artifacts/grpo/metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        # Line 3 appears after the state of step 1 is published (states publish one save late).
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    kill_tree(proc)
-    finish_job(reference, proj)
-    assert not (killed / "artifacts/grpo/manifest.json").exists()
-    finish_job(_grpo_job(killed), killed)
-    last_log = sorted(killed.glob("torchrun-*.log"))[-1].read_text()
-    assert "resumed grpo from" in last_log
+    kill_then_resume(_grpo_job, proj, killed, "grpo")
 
     rows = _metrics(proj)
     assert len(rows) == 5 and all(math.isfinite(r[k]) for r in rows for k in GRPO_METRICS)

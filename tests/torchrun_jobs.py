@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -54,3 +55,29 @@ def finish_job(proc: subprocess.Popen[bytes], project: Path) -> None:
     rc = proc.wait(timeout=180)
     logs = "\n".join(p.read_text() for p in sorted(project.glob("torchrun-*.log")))
     assert rc == 0, logs[-3000:]
+
+
+def kill_then_resume(
+    start: Callable[[Path], subprocess.Popen[bytes]], reference: Path, killed: Path, stage: str
+) -> None:
+    """Run ``stage`` to the end in ``reference``; in ``killed``, SIGKILL it mid-run and resume.
+
+    The kill comes once ``artifacts/<stage>/metrics.jsonl`` has 3 lines (the state of step 1 is
+    published by then: states publish one save late). Afterwards both folders hold finished runs
+    and the last torchrun log of ``killed`` says it resumed.
+    """
+    ref_proc = start(reference)
+    proc = start(killed)
+    metrics = killed / "artifacts" / stage / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    kill_tree(proc)
+    finish_job(ref_proc, reference)
+    assert not (killed / "artifacts" / stage / "manifest.json").exists()
+    finish_job(start(killed), killed)
+    last_log = sorted(killed.glob("torchrun-*.log"))[-1].read_text()
+    assert f"resumed {stage} from" in last_log
