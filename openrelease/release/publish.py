@@ -55,7 +55,12 @@ from openrelease.manifest import (
     read_model,
 )
 from openrelease.secrets import ALLOWABLE, AllowRules, scan_files
-from openrelease.verify.bundle import load_bundle_manifest, stage_key, verify_bundle
+from openrelease.verify.bundle import (
+    bundle_stage_order,
+    load_bundle_manifest,
+    stage_key,
+    verify_bundle,
+)
 from openrelease.verify.hub import HUB_ERRORS, checkpoint_branch, describe_hub_error
 from openrelease.verify.untrusted import read_capped, unsafe_path_reason
 
@@ -307,6 +312,7 @@ def plan_targets(
     data = _Target(f"{repo_id}-data", "dataset", "main")
     branches: dict[str, _Target] = {}
     order: dict[str, tuple[int, str, int]] = {}
+    stages = bundle_stage_order(bundle_dir)  # the release's own stage order
     metas: dict[str, Path] = {}
     names = recorded_branches(bundle_dir)
     files = [(e.path, e.size, e.sha256) for e in manifest.files]
@@ -325,7 +331,7 @@ def plan_targets(
             stage, step = match["stage"], int(match["step"])
             name = checkpoint_branch(stage, step, names)
             target = branches.setdefault(name, _Target(repo_id, "model", name))
-            order[name] = (*stage_key(stage), step)
+            order[name] = (*stage_key(stage, stages), step)
             _add(target, replace(item, path_in_repo=match["rest"]), rel)
             if match["rest"] == CHECKPOINT_META:
                 metas[name] = local

@@ -16,15 +16,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from openrelease.digest import sha256_tree
-from openrelease.errors import ArtifactError
+from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
     BUNDLE_MANIFEST,
     CHECKPOINT_META,
     PORTABLE_STATE_FILES,
     STEP_DIR,
+    Bundle,
     BundleSection,
 )
 from openrelease.manifest import BundleManifest, CheckpointMeta, TokenizerProbe
+from openrelease.params import parse_yaml
 from openrelease.verify.safetensors_header import read_safetensors_header
 from openrelease.verify.signing import check_signatures, is_signature_name
 from openrelease.verify.tokenizer_probe import encode_probe
@@ -323,9 +325,29 @@ def _check_meta_files(view: CheckpointView, meta: CheckpointMeta, report: Verify
         )
 
 
-def stage_key(stage: str) -> tuple[int, str]:
-    """Sort key of a stage name: the default chain's order, then other names alphabetically."""
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+def bundle_stage_order(bundle_dir: Path) -> tuple[str, ...]:
+    """The training stages in the order the bundle's ``configs/params.yaml`` lists them.
+
+    The default chain when the params have no ``stages`` list (older releases) or cannot be
+    read; the file is a stranger's, so it is read capped, never through a symlink, with the
+    alias-free loader.
+    """
+    try:
+        text = read_capped(Bundle(bundle_dir).params, max_bytes=MAX_YAML_BYTES).decode("utf-8")
+        raw = parse_yaml(text, source=str(Bundle(bundle_dir).params))
+    except (ArtifactError, ParamsError, OSError, UnicodeDecodeError, RecursionError):
+        return STAGE_ORDER
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    entries = stages if isinstance(stages, list) else []
+    names = [e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    if not names or len(names) != len(entries) or len(set(names)) != len(names):
+        return STAGE_ORDER
+    return tuple(names)
+
+
+def stage_key(stage: str, order: tuple[str, ...] = STAGE_ORDER) -> tuple[int, str]:
+    """Sort key of a stage name: its place in ``order``, then other names alphabetically."""
+    return (order.index(stage) if stage in order else len(order), stage)
 
 
 def _check_parent(
@@ -335,6 +357,7 @@ def _check_parent(
     prev: CheckpointView | None,
     stage_of: dict[str, str],
     report: VerifyReport,
+    order: tuple[str, ...],
 ) -> None:
     """Within a stage the parent is the previous step; a later stage starts from an earlier one."""
     if prev is None or prev.meta is None:
@@ -348,7 +371,10 @@ def _check_parent(
         )
     elif prev.stage != view.stage and (
         parent is None
-        or (parent in stage_of and stage_key(stage_of[parent]) >= stage_key(view.stage))
+        or (
+            parent in stage_of
+            and stage_key(stage_of[parent], order) >= stage_key(view.stage, order)
+        )
     ):
         report.add(
             "parent_chain",
@@ -407,9 +433,15 @@ def _check_chain(views: list[CheckpointView], report: VerifyReport) -> None:
         node = by_digest[parent]
 
 
-def check_lineage(views: list[CheckpointView], report: VerifyReport) -> None:
-    """Check each checkpoint against its meta.json, the parent chain, and duplicate weights."""
-    views = sorted(views, key=lambda v: (stage_key(v.stage), v.step))
+def check_lineage(
+    views: list[CheckpointView], report: VerifyReport, order: tuple[str, ...] = STAGE_ORDER
+) -> None:
+    """Check each checkpoint against its meta.json, the parent chain, and duplicate weights.
+
+    ``order`` is the release's stage order (`bundle_stage_order`); a later stage must start
+    from an earlier one.
+    """
+    views = sorted(views, key=lambda v: (stage_key(v.stage, order), v.step))
     _check_chain(views, report)
     stage_of = {v.meta.checkpoint_digest: v.stage for v in views if v.meta is not None}
     by_weights: dict[tuple[tuple[str, str | None], ...], str] = {}
@@ -418,7 +450,12 @@ def check_lineage(views: list[CheckpointView], report: VerifyReport) -> None:
         if view.meta is not None:
             _check_meta_files(view, view.meta, report)
             _check_parent(
-                view, view.meta.parent_digest, prev=prev, stage_of=stage_of, report=report
+                view,
+                view.meta.parent_digest,
+                prev=prev,
+                stage_of=stage_of,
+                report=report,
+                order=order,
             )
         prev = view
         weights = tuple(
@@ -459,17 +496,21 @@ def _check_checkpoints(
             meta = None
         del files[CHECKPOINT_META]
         views.append(CheckpointView(stage, int(match["step"]), where, meta, files))
-    check_lineage(views, report)
-    _check_final_model(views, digests, report)
+    order = bundle_stage_order(bundle_dir)
+    check_lineage(views, report, order)
+    _check_final_model(views, digests, report, order)
 
 
 def _check_final_model(
-    views: list[CheckpointView], digests: dict[str, str], report: VerifyReport
+    views: list[CheckpointView],
+    digests: dict[str, str],
+    report: VerifyReport,
+    order: tuple[str, ...],
 ) -> None:
     """model/ must hold the final checkpoint's files, byte for byte."""
     if not views:
         return
-    final = max(views, key=lambda v: (stage_key(v.stage), v.step))
+    final = max(views, key=lambda v: (stage_key(v.stage, order), v.step))
     for path, (_, digest) in sorted(final.files.items()):
         rel = f"{BundleSection.MODEL}/{path}"
         if rel not in digests:
