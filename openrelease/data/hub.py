@@ -166,6 +166,18 @@ def _hub_errors(where: str) -> Iterator[None]:
         raise ArtifactError(f"{where}: {msg}.") from None
 
 
+def resolve_spec(spec: str, *, repo_type: str, allow_floating: bool, what: str) -> HubSnapshot:
+    """`parse_hub_spec` then `resolve`: the commit and files ``hf:ORG/NAME@REVISION`` names."""
+    parsed = parse_hub_spec(spec, what=what)
+    return resolve(
+        parsed.repo,
+        parsed.revision,
+        repo_type=repo_type,
+        allow_floating=allow_floating,
+        what=what,
+    )
+
+
 def select(snapshot: HubSnapshot, patterns: tuple[str, ...]) -> tuple[RemoteFile, ...]:
     """The files of ``snapshot`` matching any of the glob ``patterns`` (fnmatch on the path)."""
     return tuple(f for f in snapshot.files if any(fnmatch.fnmatchcase(f.path, p) for p in patterns))

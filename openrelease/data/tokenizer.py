@@ -108,19 +108,14 @@ def fetch_tokenizer(
         ArtifactError: A file does not have the Hub's digest, or the fetch failed.
     """
     if hub.is_hub_spec(spec):
-        parsed = hub.parse_hub_spec(spec, what=what)
-        snapshot = hub.resolve(
-            parsed.repo,
-            parsed.revision,
-            repo_type="model",
-            allow_floating=allow_floating,
-            what=what,
+        snapshot = hub.resolve_spec(
+            spec, repo_type="model", allow_floating=allow_floating, what=what
         )
         files = hub.select(snapshot, TOKENIZER_FILES)
         if "tokenizer.json" not in {f.path for f in files}:
             raise DataError(
-                f"{what}: {parsed.repo}@{snapshot.commit[:12]} has no tokenizer.json; pick a repo "
-                "with a fast (tokenizers) tokenizer."
+                f"{what}: {snapshot.repo}@{snapshot.commit[:12]} has no tokenizer.json; pick a "
+                "repo with a fast (tokenizers) tokenizer."
             )
         dest = Workspace(project_dir).hub_snapshot("model", snapshot.repo, snapshot.commit)
         entries = hub.fetch(snapshot, files, dest=dest, what=what)

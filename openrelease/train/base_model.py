@@ -90,13 +90,8 @@ def resolve_base_model(
             )
         _check_weights([p.name for p in folder.iterdir()], where=f"{what}: {spec}")
         return BaseModelRef(spec=spec, snapshot=None, folder=folder.resolve())
-    parsed = hub.parse_hub_spec(spec, what=what)
-    snapshot = hub.resolve(
-        parsed.repo,
-        parsed.revision,
-        repo_type="model",
-        allow_floating=allow_floating_revision,
-        what=what,
+    snapshot = hub.resolve_spec(
+        spec, repo_type="model", allow_floating=allow_floating_revision, what=what
     )
     files = hub.select(snapshot, MODEL_FILES)
     _check_weights(

@@ -98,11 +98,12 @@ def _rng_tensors(state_dir: Path) -> dict[str, torch.Tensor]:
 
 def _source_stamp(state_dir: Path) -> dict[str, list[int]]:
     """Name -> [size, mtime_ns] of every file of a DCP state: what its portable copy came from."""
-    return {
-        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-        for p in sorted(state_dir.iterdir())
-        if p.is_file()
-    }
+    stamp: dict[str, list[int]] = {}
+    for entry in sorted(os.scandir(state_dir), key=lambda e: e.name):
+        if entry.is_file():
+            st = entry.stat()
+            stamp[entry.name] = [st.st_size, st.st_mtime_ns]
+    return stamp
 
 
 def export_state(state_dir: Path, out: Path) -> Path:
