@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 pytest: $(STAMP)
-	$(BIN)/pytest -m "not gpu and not golden"
+	$(BIN)/pytest -m "not gpu"
 
 test: lint pytest
 
@@ -41,7 +41,7 @@ slow: $(STAMP)
 	$(BIN)/pytest -m "slow"
 
 golden: $(STAMP)
-	$(BIN)/pytest -m "golden"
+	OPENRELEASE_GOLDEN=1 $(BIN)/pytest -m "golden"
 
 clean-artifacts:
 	rm -rf $(DEMO)

@@ -294,11 +294,12 @@ class ComputeParams(Params):
     compile: bool = False
     """torch.compile each decoder layer."""
     deterministic: bool | Literal["portable"] = "portable"
-    """``portable`` (default): deterministic kernels with the CPU kernel ISA pinned to AVX2
-    before torch starts (ATEN_CPU_CAPABILITY), so any x86-64 CPU of the last decade gives the
-    same bits; ``true``: deterministic kernels, same bits on the same hardware only; ``false``:
-    fastest kernels, not reproducible. On CUDA, portable and true both mean deterministic
-    algorithms and a fixed cuBLAS workspace (GPU kernels differ between GPU models)."""
+    """``portable`` (default): deterministic kernels with CPU code paths every x86-64 CPU runs
+    alike, pinned before torch starts (ATen AVX2, MKL COMPATIBLE, oneDNN AVX2; train/launch.py),
+    so any x86-64 CPU of the last decade, Intel or AMD, gives the same bits; ``true``:
+    deterministic kernels, same bits on the same hardware only; ``false``: fastest kernels,
+    not reproducible. On CUDA, portable and true both mean deterministic algorithms and a
+    fixed cuBLAS workspace (GPU kernels differ between GPU models)."""
 
     @property
     def determinism(self) -> Literal["portable", "true", "false"]:

@@ -18,25 +18,30 @@ from openrelease.params import ComputeParams, StageName
 
 PORTABLE_CPU_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2",
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
 """What ``compute.deterministic: portable`` pins on CPU, before torch starts in every rank.
 
-Each library compiles its kernels for several ISAs and picks one at run time; AVX2 is what every
-x86-64 CPU since 2013 (Haswell, Zen 1) has. Measured on an Intel Xeon (KVM guest with
-AVX-512, AVX512_FP16, AMX) on 2026-12-02, torch 2.13.0+cpu (MKL 2024.2, oneDNN 3.12), the
-tiny recipe's Llama, 20 AdamW steps, 1 thread, sha256 of the weights:
+Each library compiles its kernels for several ISAs and picks one at run time, by ISA and for
+MKL also by CPU vendor. The pins choose code paths every x86-64 CPU runs the same way (tiny
+recipe's Llama, 20 AdamW steps, 1 thread, sha256 of the weights; bench/kernel_pins.py):
 
-- ATen (``ATEN_CPU_CAPABILITY``): default AVX512 and ``avx2`` give different weights. Pinned.
-- MKL (``MKL_CBWR``, conditional numerical reproducibility): under ATen ``avx2``, unset and
-  ``AVX2`` give different weights on this Intel CPU (MKL's sgemm takes its AVX-512 path by
-  default; on the AMD EPYC of issue 20 it did not move, MKL runs AVX2 code there). ``AVX2`` is
-  MKL's documented way to get the same results on every CPU with AVX2 (= ``MKL_ENABLE_
-  INSTRUCTIONS=AVX2`` here; ``AVX2,STRICT`` gives yet other bits). Pinned.
-- oneDNN (``ONEDNN_MAX_CPU_ISA``): ``AVX2`` and unset give the same weights (fp32 training does
-  not reach oneDNN). Pinned anyway, at no measured cost, because bf16 matmuls and convolutions
-  do reach it and pick AVX-512/AMX kernels by ISA.
+- ATen (``ATEN_CPU_CAPABILITY=avx2``): its AVX-512 and AVX2 kernels give different weights
+  (Intel Xeon with AVX-512, 2026-12-02; AMD EPYC Zen 5 with AVX-512, 2026-12-03). AVX2 is what
+  every x86-64 CPU since 2013 (Haswell, Zen 1) has; ATen dispatches by ISA only, not vendor.
+- MKL (``MKL_CBWR=COMPATIBLE``, conditional numerical reproducibility): MKL dispatches by vendor
+  as well. On Intel, ``MKL_CBWR=AVX2`` selects Intel's AVX2 CNR branch (it moved the bits there,
+  as did ``AVX2,STRICT``); on AMD, MKL ignores every branch but ``AUTO`` and ``COMPATIBLE``
+  (measured on the Zen 5: unset, ``AVX2``, ``AVX2,STRICT``, ``SSE4_2`` and ``AVX512`` give one
+  result, ``COMPATIBLE`` another), which is what oneMKL's developer guide documents: only
+  ``COMPATIBLE`` gives the same results on Intel and non-Intel CPUs. So ``AVX2`` would be
+  portable between AMD machines (the digests made that way held from Zen 3 to Zen 5) but not
+  between vendors; ``COMPATIBLE`` is. Its cost on the tiny pretrain: wall ratio 1.385 vs
+  native on the Zen 5 (``AVX2``: 1.0), bench/portable_kernels.py.
+- oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``): no effect on fp32 training (it does not reach oneDNN).
+  Pinned anyway, at no measured cost, because bf16 matmuls and convolutions do reach it and
+  pick AVX-512/AMX kernels by ISA.
 
 The thread count changes bits too (1 vs 2 threads differ), which is why ``compute.num_threads``
 is part of the recipe. See README "Portable determinism" and bench/portable_kernels.py.

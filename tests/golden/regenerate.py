@@ -3,12 +3,16 @@
     .venv/bin/python tests/golden/regenerate.py           # whole pipeline (~10 min on 2 cores)
     .venv/bin/python tests/golden/regenerate.py --check   # the same; exit 1 if anything moved
     .venv/bin/python tests/golden/regenerate.py --segment # only what tests/test_golden.py replays
+    .venv/bin/python tests/golden/regenerate.py --check --confirm  # unchanged: add this CPU
 
 It runs pipelines/tiny.yaml (``compute.deterministic: portable``) in a temporary workspace with
 the real commands (`openrelease data`, `openrelease launch <stage>` for every training stage,
 `openrelease eval`), then writes ``{"checkpoints": {"<stage>/step-<N>": "sha256:..."}, "eval":
 {"<stage>": {"<metric>": value}}}`` (checkpoint: the sha256 of its model.safetensors; eval: the
-metrics of each stage's final checkpoint) and prints every key that changed.
+metrics of each stage's final checkpoint) and prints every key that changed. ``confirmed_on``
+lists the CPUs that gave these digests (vendor, model, family/model number, ISA flags, date):
+writing new digests resets it to this machine; ``--check --confirm`` adds this machine when
+nothing moved. tests/test_golden.py replays in every `make test` on a vendor listed there.
 
 Digests change, on purpose, when the recipe, the data, the data order or the training code
 change: rerun this, commit tests/golden/tiny.json, and update the README's "Golden digests"
@@ -24,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,18 @@ sys.path.insert(0, str(REPO))
 from openrelease.layout import WEIGHTS, Workspace  # noqa: E402
 from openrelease.manifest import EvalResult, StageManifest, read_model  # noqa: E402
 from openrelease.params import load_params  # noqa: E402
+from openrelease.record.fingerprint import cpu_fingerprint  # noqa: E402
+
+CONFIRMED = "confirmed_on"
+"""tiny.json's list of the CPUs that gave its digests; not a digest, so not compared."""
+
+
+def this_machine() -> dict[str, str]:
+    """This CPU as tiny.json's ``confirmed_on`` records it."""
+    cpu = cpu_fingerprint()
+    keys = ("cpu.vendor", "cpu.model", "cpu.family", "cpu.isa")
+    entry = {k.removeprefix("cpu."): cpu.get(k, "?") for k in keys}
+    return {**entry, "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def say(line: str, *, err: bool = False) -> None:
@@ -101,7 +118,7 @@ def pipeline(root: Path) -> dict[str, Any]:
 def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """One line per key added, removed or changed between two golden files."""
     lines = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - {CONFIRMED}):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             lines += changes(a, b, f"{prefix}{key}.")
@@ -112,12 +129,21 @@ def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[
     return lines
 
 
+def _write(golden: dict[str, Any]) -> None:
+    tmp = GOLDEN.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(golden, indent=2, sort_keys=True) + "\n")
+    tmp.replace(GOLDEN)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 on a change")
     parser.add_argument("--segment", action="store_true", help="only pretrain's first checkpoint")
+    parser.add_argument(
+        "--confirm", action="store_true", help="with --check: nothing moved, add this CPU"
+    )
     args = parser.parse_args(argv)
     old: dict[str, Any] = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="openrelease-golden-") as tmp:
@@ -132,10 +158,13 @@ def main(argv: list[str]) -> int:
         say(line)
     if not moved:
         say(f"{GOLDEN.relative_to(REPO)}: unchanged")
+        if args.confirm and not args.segment:
+            _write({**old, CONFIRMED: [*old.get(CONFIRMED, []), this_machine()]})
+            say(f"added this CPU to {CONFIRMED}; add it to the README's 'Confirmed on' list")
         return 0
     if args.check:
         return 1
-    GOLDEN.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    _write({**new, CONFIRMED: [this_machine()]})
     say(f"wrote {GOLDEN.relative_to(REPO)}; update README 'Golden digests' (eval numbers, CPU)")
     return 0
 
