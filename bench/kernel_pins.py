@@ -20,16 +20,19 @@ import time
 from pathlib import Path
 
 from openrelease.record.fingerprint import cpu_fingerprint
+from openrelease.train.launch import PORTABLE_CPU_ENV
 
 ENVS = {
     "native": {},
     "aten_avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     "aten_avx2+mkl_cbwr_avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
-    "portable (aten+mkl+onednn avx2)": {
+    "portable (the pins)": dict(PORTABLE_CPU_ENV),
+    "aten_avx2+mkl_cbwr_avx2+onednn_avx2 (the pins until 2026-12-03)": {
         "ATEN_CPU_CAPABILITY": "avx2",
         "MKL_CBWR": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
     },
+    "aten_avx2+mkl_cbwr_avx2_strict": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"},
     "aten_avx2+mkl_cbwr_compatible": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"},
     "aten_avx2+onednn_avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "mkl_cbwr_avx2": {"MKL_CBWR": "AVX2"},

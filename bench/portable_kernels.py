@@ -4,10 +4,11 @@
 
 Builds the tiny recipe's data in a temporary workspace, then trains pretrain to its first
 checkpoint (2 gloo ranks, as `dvc repro` does) alternately with ``compute.deterministic:
-portable`` (ATen AVX2, MKL_CBWR=COMPATIBLE, oneDNN AVX2) and ``true`` (the machine's native kernels,
-with the pins removed from the environment), ``--repeats`` times each. Prints one JSON line:
-the median wall time of each, ``wall_ratio`` = portable / native, the weights sha256 of each
-(``same_bytes``: whether the pins changed the result on this machine) and the CPU model.
+portable`` (the pins of train/launch.py: ATen AVX2, MKL_CBWR=COMPATIBLE, oneDNN AVX2) and
+``true`` (the machine's native kernels, with the pins removed from the environment),
+``--repeats`` times each. Prints one JSON line: the median wall time of each, ``wall_ratio`` =
+portable / native, the weights sha256 of each (``same_bytes``: whether the pins changed the
+result on this machine) and the CPU model.
 """
 
 from __future__ import annotations
