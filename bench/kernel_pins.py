@@ -6,7 +6,10 @@ Trains the tiny recipe's Llama (random tokens, AdamW, grad clip, deterministic a
 process) for ``--steps`` steps in a fresh interpreter per environment (ATen, MKL and oneDNN
 read their settings when torch starts) and prints one JSON line: per environment the kernel ISA
 ATen dispatched to, the sha256 of the weights (first 16 hex digits) and the wall time; plus
-``groups``, the environments that gave the same bytes.
+``groups``, the environments that gave the same bytes. ``--optimizer portable`` (the default)
+steps with the trainer's CPU AdamW (train/adamw.py); ``--optimizer torch`` with
+``torch.optim.AdamW``, whose MKL sqrt gives other bits on Intel and AMD (the table in the README
+until 2026-12-04 was made that way).
 """
 
 from __future__ import annotations
@@ -45,15 +48,19 @@ CHILD = """
 import hashlib, json, sys, time
 import torch
 from openrelease.params import ModelParams
+from openrelease.train.adamw import PortableAdamW
 from openrelease.train.model import build_model
-steps = int(sys.argv[1])
+steps, optimizer = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 shape = ModelParams(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     intermediate_size=344, max_position_embeddings=256)
 model = build_model(shape, vocab_size=512)
-opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+if optimizer == "torch":
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+else:
+    opt = PortableAdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.999), weight_decay=0.1)
 gen = torch.Generator().manual_seed(1)
 started = time.perf_counter()
 for _ in range(steps):
@@ -73,6 +80,7 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--optimizer", choices=["portable", "torch"], default="portable")
     parser.add_argument("--out", type=Path, help="also write the JSON line here")
     args = parser.parse_args()
     base = {k: v for k, v in os.environ.items() if k not in PINS}
@@ -80,7 +88,7 @@ def main() -> None:
     results = {}
     for name, extra in ENVS.items():
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(args.steps)],
+            [sys.executable, "-c", CHILD, str(args.steps), args.optimizer],
             env={**base, **extra},
             capture_output=True,
             text=True,
@@ -97,6 +105,7 @@ def main() -> None:
             "machine": cpu["cpu.model"],
             "cpu_isa": cpu["cpu.isa"],
             "steps": args.steps,
+            "optimizer": args.optimizer,
             "results": results,
             "groups": list(groups.values()),
             "date": time.strftime("%Y-%m-%d", time.gmtime()),

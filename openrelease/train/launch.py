@@ -37,8 +37,16 @@ recipe's Llama, 20 AdamW steps, 1 thread, sha256 of the weights; bench/kernel_pi
   result, ``COMPATIBLE`` another), which is what oneMKL's developer guide documents: only
   ``COMPATIBLE`` gives the same results on Intel and non-Intel CPUs. So ``AVX2`` would be
   portable between AMD machines (the digests made that way held from Zen 3 to Zen 5) but not
-  between vendors; ``COMPATIBLE`` is. Its cost on the tiny pretrain: wall ratio 1.385 vs
-  native on the Zen 5 (``AVX2``: 1.0), bench/portable_kernels.py.
+  between vendors; ``COMPATIBLE`` is, for BLAS. Its cost on the tiny pretrain: wall ratio 1.385
+  vs native on the Zen 5 (``AVX2``: 1.0), bench/portable_kernels.py.
+- MKL's vector math (VML: ``torch.sqrt``, ``exp``, ``log``, ``tanh``, ``erf`` on CPU) ignores
+  ``MKL_CBWR`` on AMD (gdb on the Zen 5: sqrt and exp ran the generic ``EX`` kernels under
+  ``COMPATIBLE``, ``AUTO`` and ``AVX2``), and its float sqrt, log10 and log2 kernels start
+  from ``rsqrtps``/``rcpps``, approximations whose bits differ between CPU vendors. No pin
+  fixes that, so training avoids them: AdamW's sqrt is IEEE (train/adamw.py), and
+  tests/test_adamw.py checks that a training step reaches none of them. With torch's own AdamW
+  the tiny recipe's digests made on the Zen 5 did not hold on an Intel Xeon (family 6 model
+  167, 2026-12-04), whatever MKL was told.
 - oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``): no effect on fp32 training (it does not reach oneDNN).
   Pinned anyway, at no measured cost, because bf16 matmuls and convolutions do reach it and
   pick AVX-512/AMX kernels by ISA.

@@ -31,6 +31,7 @@ from openrelease.params import TrainStageParams
 from openrelease.safeio import read_json_file
 from openrelease.train import checkpoint as ckpt
 from openrelease.train import distributed
+from openrelease.train.adamw import PortableAdamW
 from openrelease.train.job import Objective, StepOutcome, TrainJob
 from openrelease.train.model import build_model, load_pretrained, save_model_config
 from openrelease.train.objective import TokenObjective, all_reduce_sum
@@ -124,13 +125,14 @@ def _build(
                 "re-run the earlier stage with the same model section."
             ) from None
     model = distributed.shard_model(model, ctx, job.compute)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=lr_at(1, job.params),
-        betas=job.params.betas,
-        weight_decay=job.params.weight_decay,
-        fused=ctx.device.type == "cuda",
-    )
+    lr, betas, decay = lr_at(1, job.params), job.params.betas, job.params.weight_decay
+    optimizer: torch.optim.Optimizer
+    if ctx.device.type == "cuda":
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=betas, weight_decay=decay, fused=True
+        )
+    else:  # torch's AdamW but for its MKL sqrt, whose bits depend on the CPU vendor
+        optimizer = PortableAdamW(model.parameters(), lr=lr, betas=betas, weight_decay=decay)
     return model, optimizer
 
 
