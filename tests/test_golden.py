@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from openrelease.layout import CHECKPOINT_META, WEIGHTS, Workspace
 from openrelease.manifest import CheckpointMeta, read_model
 from openrelease.params import load_params
 from openrelease.record.fingerprint import cpu_fingerprint
+from openrelease.train.launch import launch_env
 
 GOLDEN = REPO_ROOT / "tests" / "golden" / "tiny.json"
 RECIPE = REPO_ROOT / "pipelines" / "tiny.yaml"
@@ -82,6 +85,31 @@ def test_readme_carries_the_golden_eval_numbers() -> None:
         assert rows[stage] == want, f"README golden table is stale; run {REGENERATE}"
 
 
+def _skip_unless_confirmed() -> None:
+    vendor = cpu_fingerprint().get("cpu.vendor", "?")
+    if vendor not in _confirmed_vendors() and os.environ.get("OPENRELEASE_GOLDEN") != "1":
+        pytest.skip(
+            f"tests/golden/tiny.json is not yet confirmed on a {vendor} CPU: run `make golden` "
+            f"here, and on a pass `{REGENERATE} --check --confirm` (README 'Golden digests')"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.golden
+def test_the_kernels_training_relies_on_give_the_golden_digests() -> None:
+    """Under the recipe's pins, each kernel of tests/golden/kernel_digests.py gives tiny.json's
+    bytes; when the checkpoint replay fails on a CPU, this names the kernels that moved."""
+    _skip_unless_confirmed()
+    env = launch_env(load_params(RECIPE).compute)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    script = [sys.executable, str(GOLDEN.parent / "kernel_digests.py")]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, check=True)
+    here, golden = json.loads(done.stdout), _golden()["kernels"]
+    assert set(here) == set(golden), f"kernel_digests.py changed? run {REGENERATE}"
+    moved = sorted(k for k in golden if here[k] != golden[k])
+    assert not moved, f"on {cpu_fingerprint()['cpu.model']} these kernels give other bits: {moved}"
+
+
 @pytest.mark.slow
 @pytest.mark.golden
 def test_tiny_pretrain_first_checkpoint_matches_the_golden_digest(
@@ -92,12 +120,7 @@ def test_tiny_pretrain_first_checkpoint_matches_the_golden_digest(
     Run under ``ATEN_CPU_CAPABILITY=default`` in the caller's environment: the launcher's pins
     must win, so the bytes are the golden ones whatever the caller set.
     """
-    vendor = cpu_fingerprint().get("cpu.vendor", "?")
-    if vendor not in _confirmed_vendors() and os.environ.get("OPENRELEASE_GOLDEN") != "1":
-        pytest.skip(
-            f"tests/golden/tiny.json is not yet confirmed on a {vendor} CPU: run `make golden` "
-            f"here, and on a pass `{REGENERATE} --check --confirm` (README 'Golden digests')"
-        )
+    _skip_unless_confirmed()
     from openrelease.data.stage import build_data
     from openrelease.reproduce.replay import run_replay
 
@@ -116,5 +139,6 @@ def test_tiny_pretrain_first_checkpoint_matches_the_golden_digest(
     assert weights == _golden()["checkpoints"][key], (
         f"{key} is {weights} on {cpu_fingerprint()['cpu.model']}, not the golden digest: if the "
         f"recipe, the data or the training code changed on purpose, run {REGENERATE}; "
-        "otherwise bit-identity across machines is broken (report this CPU)."
+        "otherwise bit-identity across machines is broken (report this CPU, with what "
+        "test_the_kernels_training_relies_on_give_the_golden_digests says moved)."
     )

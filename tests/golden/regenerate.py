@@ -9,7 +9,8 @@ It runs pipelines/tiny.yaml (``compute.deterministic: portable``) in a temporary
 the real commands (`openrelease data`, `openrelease launch <stage>` for every training stage,
 `openrelease eval`), then writes ``{"checkpoints": {"<stage>/step-<N>": "sha256:..."}, "eval":
 {"<stage>": {"<metric>": value}}}`` (checkpoint: the sha256 of its model.safetensors; eval: the
-metrics of each stage's final checkpoint) and prints every key that changed. ``confirmed_on``
+metrics of each stage's final checkpoint; ``kernels``: tests/golden/kernel_digests.py, the digests
+of the CPU kernels training relies on) and prints every key that changed. ``confirmed_on``
 lists the CPUs that gave these digests (vendor, model, family/model number, ISA flags, date):
 writing new digests resets it to this machine; ``--check --confirm`` adds this machine when
 nothing moved. tests/test_golden.py replays in every `make test` on a vendor listed there.
@@ -103,6 +104,22 @@ def segment(root: Path) -> dict[str, str]:
     return weights_digests(root, ("pretrain",))
 
 
+def kernel_digests(params_path: Path) -> dict[str, str]:
+    """tests/golden/kernel_digests.py in a fresh interpreter under the recipe's pins."""
+    from openrelease.train.launch import launch_env
+
+    env = launch_env(load_params(params_path).compute)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    script = str(Path(__file__).resolve().parent / "kernel_digests.py")
+    done = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        sys.exit(f"kernel_digests.py failed:\n{done.stderr[-3000:]}")
+    digests: dict[str, str] = json.loads(done.stdout)
+    return digests
+
+
 def pipeline(root: Path) -> dict[str, Any]:
     """The whole tiny pipeline with the CLI; its checkpoint digests and final eval metrics."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
@@ -112,7 +129,11 @@ def pipeline(root: Path) -> dict[str, Any]:
     for stage in stages:
         _run(["launch", stage], root, env)
     _run(["eval"], root, env)
-    return {"checkpoints": weights_digests(root, stages), "eval": final_eval(root)}
+    return {
+        "checkpoints": weights_digests(root, stages),
+        "eval": final_eval(root),
+        "kernels": kernel_digests(root / "params.yaml"),
+    }
 
 
 def changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -150,7 +171,11 @@ def main(argv: list[str]) -> int:
         root = Path(tmp)
         (root / "params.yaml").write_bytes(RECIPE.read_bytes())
         if args.segment:
-            new = {**old, "checkpoints": {**old.get("checkpoints", {}), **segment(root)}}
+            new = {
+                **old,
+                "checkpoints": {**old.get("checkpoints", {}), **segment(root)},
+                "kernels": kernel_digests(root / "params.yaml"),
+            }
         else:
             new = pipeline(root)
     moved = changes(old, new)
