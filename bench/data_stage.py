@@ -1,8 +1,9 @@
 """Benchmark the data stage: tokenising throughput vs `tokenizers` encode_batch, and peak memory.
 
-Throughput: the data stage's tokenise-and-pack path (`openrelease.data.pack.pack_documents`,
-``num_proc`` processes, shards written as it goes) against ``Tokenizer.encode_batch`` (Rust
-threads on every core) on the same documents; the ratio is per core (goal >= 0.8).
+Throughput: the data stage's tokenise-and-pack path (`openrelease.data.pack.pack_documents`:
+documents read from their JSONL, ``num_proc`` processes, shards written as it goes) against
+``Tokenizer.encode_batch`` (Rust threads on every core) on the same documents; the ratio is per
+core (goal >= 0.8).
 Memory: peak RSS (VmHWM) of the main process of a whole `build_data` run at two corpus sizes
 10x apart, each in a fresh process (goal: the same peak, under 2 GB). Tokenising workers hold
 the tokenizer and one chunk of documents each.
@@ -41,6 +42,7 @@ print(next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM
 def _throughput(num_docs: int, num_proc: int) -> dict[str, float]:
     from openrelease.data import synthetic
     from openrelease.data.pack import pack_documents
+    from openrelease.data.records import RecordWriter
     from openrelease.data.tokenizer import BOS, EOS, train_tokenizer
 
     texts = synthetic.generate_stories(1, num_docs)
@@ -49,8 +51,11 @@ def _throughput(num_docs: int, num_proc: int) -> dict[str, float]:
     encoded = tokenizer.encode_batch(texts)
     ref_s = time.perf_counter() - t0
     num_tokens = sum(len(e.ids) for e in encoded)
-    docs = [{"id": f"doc-{i:07d}", "text": t, "source": "synthetic"} for i, t in enumerate(texts)]
     with tempfile.TemporaryDirectory() as tmp:
+        docs = Path(tmp) / "docs.jsonl"  # the stage packs from its documents' file
+        with RecordWriter(docs) as out:
+            for i, text in enumerate(texts):
+                out.write({"id": f"doc-{i:07d}", "text": text, "source": "synthetic"})
         t0 = time.perf_counter()
         pack_documents(
             docs,

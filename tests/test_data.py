@@ -1,4 +1,6 @@
 import json
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,41 @@ def test_two_builds_are_byte_identical(tmp_path: Path, tiny_params: PipelinePara
     mb = build_data(tiny_params.data, seed=tiny_params.seed, project_dir=b)
     assert ma == mb
     assert hash_folder(a / "artifacts/data") == hash_folder(b / "artifacts/data")
+
+
+class _Story(str):
+    """A generated story the test can watch (str subclasses take weak references)."""
+
+
+def test_the_stage_streams_the_stories(
+    tmp_path: Path, tiny_params: PipelineParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory is bounded: each story is written and dropped before the next one is made.
+
+    Counts the generated stories still alive each time a new one is made; an in-memory
+    corpus (every story in a list, the stage before streaming) would hold them all.
+    """
+    generate, alive, counts = synthetic.iter_stories, weakref.WeakSet[_Story](), []
+
+    def watched(seed: int, count: int) -> Iterator[str]:
+        for text in generate(seed, count):
+            story = _Story(text)
+            alive.add(story)
+            counts.append(len(alive))
+            yield story
+
+    monkeypatch.setattr(synthetic, "iter_stories", watched)
+    manifest = build_data(tiny_params.data, seed=tiny_params.seed, project_dir=tmp_path)
+    assert len(counts) == tiny_params.data.synthetic.num_stories == 400
+    assert max(counts) <= 3, counts
+    stored = DataStore(tmp_path / "artifacts/data")
+    texts = [r["text"] for r in _records(stored, "eval_text", "pretrain_docs")]
+    assert texts == synthetic.generate_stories(tiny_params.seed, 400)  # every story, in order
+    assert manifest.datasets["pretrain_docs"].num_records == 380
+
+
+def _records(store: DataStore, *roles: str) -> list[dict[str, str]]:
+    return [r for role in roles for r in store.records(role)]
 
 
 def test_seed_changes_the_data(tmp_path: Path, tiny_params: PipelineParams, data_dir: Path) -> None:

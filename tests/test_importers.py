@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from openrelease.data.importers import read_source
+from openrelease.data import importers
+from openrelease.data.importers import open_source, read_source
 from openrelease.data.stage import build_data
 from openrelease.data.store import DataStore
 from openrelease.errors import DataError
@@ -50,6 +51,51 @@ def test_text_blocks_and_role_check(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xfe\n")
     with pytest.raises(DataError, match=r"bad.txt:2: not valid UTF-8"):
         read_source(_spec("bad.txt", "text", "pretrain"), project_dir=tmp_path)
+
+
+def test_records_are_read_lazily(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{oops\n')
+    stream = open_source(_spec("a.jsonl", role="pretrain"), project_dir=tmp_path)
+    records = iter(stream)
+    assert next(records) == {"text": "one"}  # the bad line 3 is not read yet
+    assert next(records) == {"text": "two"}
+    with pytest.raises(DataError, match=r"a.jsonl:3: invalid JSON"):
+        next(records)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"one\r\n\r\ntwo\r\n\r\n\r\n  three \n\nfour\r\r\nfive\n\n",
+        "\u00e9t\u00e9 \u2014 caf\u00e9\n\n\n\n\u2028x\u3000\n\n y".encode(),
+        b"\n\n\n",
+    ],
+)
+def test_text_read_in_chunks_splits_like_the_whole_file(
+    tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks, CRLFs and multi-byte characters that straddle reads come out as from one read."""
+    (tmp_path / "t.txt").write_bytes(content)
+    text = content.decode().replace("\r\n", "\n")
+    expected = [b.strip() for b in text.split("\n\n") if b.strip()]
+    for chunk in (1, 2, 3, 5, 1 << 20):
+        monkeypatch.setattr(importers, "READ_CHUNK_BYTES", chunk)
+        stream = open_source(_spec("t.txt", "text", "pretrain"), project_dir=tmp_path)
+        if not expected:
+            with pytest.raises(DataError, match="no records found"):
+                list(stream)
+            continue
+        assert [r["text"] for r in stream] == expected, chunk
+
+
+def test_text_utf8_error_names_its_line_at_any_chunk_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bad.txt").write_bytes("ok\n\u00e9\n\nmore\n".encode() + b"x\xc3\n")
+    for chunk in (1, 2, 4, 1 << 20):
+        monkeypatch.setattr(importers, "READ_CHUNK_BYTES", chunk)
+        with pytest.raises(DataError, match=r"bad.txt:5: not valid UTF-8"):
+            read_source(_spec("bad.txt", "text", "pretrain"), project_dir=tmp_path)
 
 
 def test_parquet(tmp_path: Path) -> None:

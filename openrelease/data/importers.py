@@ -1,13 +1,17 @@
 """Importers for user data: JSONL, plain text, Parquet, local HF `datasets` folders, Hub datasets.
 
-Each returns plain records for one role and the sha256 of what it read; bad input names file:line.
-A Hub dataset (``format: hub``) is pinned to a commit and its Parquet files are checked against
-the Hub's LFS sha256 before pyarrow reads them.
+Each gives plain records for one role and the sha256 of what it read; bad input names file:line.
+`open_source` checks an import and reads its records lazily, a batch at a time (a pretraining
+corpus never sits in memory whole); `read_source` reads them all into a list. A Hub dataset
+(``format: hub``) is pinned to a commit and its Parquet files are checked against the Hub's LFS
+sha256 before pyarrow reads them.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,10 @@ ROLE_FIELDS: dict[str, tuple[str, ...]] = {
     "grpo": ("prompt", "answer"),
 }
 MAX_FIELD_CHARS = 1_000_000
+READ_CHUNK_BYTES = 1 << 20
+"""Bytes of a text file decoded at a time."""
+TABLE_BATCH_ROWS = 1024
+"""Rows of a Parquet file converted to records at a time."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,41 @@ class ImportedSource:
     records: list[dict[str, str]]
     license: str | None = None
     pinned: PinnedSource | None = None
+
+
+@dataclass
+class SourceStream:
+    """One import, opened and checked; iterating it reads its records lazily, once.
+
+    ``num_records`` is final after the iteration, and so is ``sha256``: a datasets folder hashes
+    each Arrow file after reading it (as it always has); the other formats are hashed on opening.
+    """
+
+    spec: ImportParams
+    path: str
+    rows: Iterator[dict[str, str]]
+    sha256: str = ""
+    license: str | None = None
+    pinned: PinnedSource | None = None
+    num_records: int = 0
+    arrow_digests: dict[str, str] | None = None
+    """A datasets folder: the digest of each Arrow file read so far."""
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        for record in self.rows:
+            self.num_records += 1
+            yield record
+        if self.arrow_digests is not None:
+            self.sha256 = sha256_tree(self.arrow_digests)
+        if not self.num_records:
+            if self.spec.format == "hub":
+                raise DataError(
+                    f"{self.spec.name}: no records found; the import would add nothing."
+                )
+            raise DataError(
+                f"{self.spec.path}: no records found; the import would add nothing.",
+                path=self.spec.path,
+            )
 
 
 def _fields_for(spec: ImportParams) -> dict[str, str]:
@@ -77,8 +120,7 @@ def _to_record(row: Any, spec: ImportParams, where: str) -> dict[str, str]:
     return record
 
 
-def _read_jsonl(path: Path, spec: ImportParams) -> list[dict[str, str]]:
-    records = []
+def _read_jsonl(path: Path, spec: ImportParams) -> Iterator[dict[str, str]]:
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{spec.path}:{line_no}"
@@ -109,47 +151,73 @@ def _read_jsonl(path: Path, spec: ImportParams) -> list[dict[str, str]]:
                     path=spec.path,
                     line=line_no,
                 ) from None
-            records.append(_to_record(row, spec, where))
-    return records
+            yield _to_record(row, spec, where)
 
 
-def _read_text(path: Path, spec: ImportParams) -> list[dict[str, str]]:
-    if spec.role != "pretrain":
-        raise DataError(
-            f"{spec.path}: text files can only feed role pretrain; "
-            "use jsonl or parquet for structured records."
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line_no = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{spec.path}:{line_no}: not valid UTF-8; re-encode the file as UTF-8.",
-            path=spec.path,
-            line=line_no,
-        ) from None
-    blocks = [block.strip() for block in text.replace("\r\n", "\n").split("\n\n")]
-    return [{"text": block} for block in blocks if block]
+def _read_text(path: Path, spec: ImportParams) -> Iterator[dict[str, str]]:
+    r"""Blank-line-separated blocks, stripped: ``text.replace("\r\n", "\n").split("\n\n")``.
+
+    Decoded and split a chunk at a time: a ``\r`` ending a chunk waits for the next one (it may
+    start a ``\r\n``), and the text after the last blank line so far waits for more.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, held_cr, newlines = "", "", 0
+    with path.open("rb") as f:
+        while True:
+            raw = f.read(READ_CHUNK_BYTES)
+            buffered = decoder.getstate()[0]
+            try:
+                text = held_cr + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                line_no = newlines + (buffered + raw)[: exc.start].count(b"\n") + 1
+                raise DataError(
+                    f"{spec.path}:{line_no}: not valid UTF-8; re-encode the file as UTF-8.",
+                    path=spec.path,
+                    line=line_no,
+                ) from None
+            newlines += raw.count(b"\n")
+            held_cr = "\r" if raw and text.endswith("\r") else ""
+            pending += text[: len(text) - len(held_cr)].replace("\r\n", "\n")
+            *blocks, pending = pending.split("\n\n")
+            if not raw:
+                blocks.append(pending)
+            for block in blocks:
+                if block := block.strip():
+                    yield {"text": block}
+            if not raw:
+                return
 
 
-def _read_table_rows(
-    rows: list[dict[str, Any]], spec: ImportParams, where: str | None = None
-) -> list[dict[str, str]]:
+def _table_records(
+    batches: Iterable[list[dict[str, Any]]], spec: ImportParams, where: str | None = None
+) -> Iterator[dict[str, str]]:
+    """Records of table rows given a batch at a time; rows are numbered from 1 across batches."""
     name = where or spec.name
-    return [_to_record(row, spec, f"{name}:row {i}") for i, row in enumerate(rows, start=1)]
+    row_no = 0
+    for rows in batches:
+        for row in rows:
+            row_no += 1
+            yield _to_record(row, spec, f"{name}:row {row_no}")
 
 
-def _read_parquet(path: Path, spec: ImportParams) -> list[dict[str, str]]:
+def _parquet_batches(
+    file: Path, what: str, *, error_path: str | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a Parquet file, ``TABLE_BATCH_ROWS`` at a time (a row group is read whole)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(file) as parquet:
+            for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS):
+                yield batch.to_pylist()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(
-            f"{spec.path}: not a readable Parquet file ({exc}).", path=spec.path
-        ) from None
-    return _read_table_rows(table.to_pylist(), spec)
+        raise DataError(f"{what}: not a readable Parquet file ({exc}).", path=error_path) from None
+
+
+def _read_parquet(path: Path, spec: ImportParams) -> Iterator[dict[str, str]]:
+    assert spec.path is not None, "validated: format parquet has a path"
+    return _table_records(_parquet_batches(path, spec.path, error_path=spec.path), spec)
 
 
 def _hf_arrow_files(folder: Path, spec: ImportParams) -> list[Path]:
@@ -173,23 +241,34 @@ def _hf_arrow_files(folder: Path, spec: ImportParams) -> list[Path]:
     return files
 
 
-def _read_hf_datasets(folder: Path, spec: ImportParams) -> tuple[list[dict[str, str]], str]:
+def _arrow_batches(
+    files: list[Path], spec: ImportParams, digests: dict[str, str]
+) -> Iterator[list[dict[str, Any]]]:
+    """The rows of each Arrow stream file, a record batch at a time; each hashed once read."""
     import pyarrow as pa
 
-    if not folder.is_dir():
-        raise DataError(f"{spec.path}: expected a folder written by Dataset.save_to_disk().")
-    rows: list[dict[str, Any]] = []
-    digests = {}
-    for arrow_path in _hf_arrow_files(folder, spec):
+    for arrow_path in files:
         try:
             with pa.memory_map(str(arrow_path)) as source:
-                rows.extend(pa.ipc.open_stream(source).read_all().to_pylist())
+                for batch in pa.ipc.open_stream(source):
+                    yield batch.to_pylist()
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(
                 f"{spec.path}/{arrow_path.name}: unreadable Arrow file ({exc}).", path=spec.path
             ) from None
         digests[arrow_path.name] = sha256_file(arrow_path)
-    return _read_table_rows(rows, spec), sha256_tree(digests)
+
+
+def _open_hf_datasets(folder: Path, spec: ImportParams) -> SourceStream:
+    if not folder.is_dir():
+        raise DataError(f"{spec.path}: expected a folder written by Dataset.save_to_disk().")
+    assert spec.path is not None, "validated: format hf_datasets has a path"
+    files = _hf_arrow_files(folder, spec)
+    digests: dict[str, str] = {}
+    rows = _table_records(_arrow_batches(files, spec, digests), spec)
+    return SourceStream(
+        spec=spec, path=spec.path, rows=rows, license=spec.license, arrow_digests=digests
+    )
 
 
 def _hub_file_wanted(path: str, spec: ImportParams) -> bool:
@@ -204,10 +283,8 @@ def _hub_file_wanted(path: str, spec: ImportParams) -> bool:
     return spec.split in folders or name.startswith(tuple(spec.split + c for c in "-_."))
 
 
-def _read_hub(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _open_hub(spec: ImportParams, *, project_dir: Path) -> SourceStream:
+    """Pin the repo, fetch and check its files; their rows are read when the stream is."""
     assert spec.repo is not None, "validated: format hub has a repo"
     assert spec.revision is not None, "validated: format hub has a revision"
     what = f"data.imports {spec.name}"
@@ -234,26 +311,30 @@ def _read_hub(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
     if license is None and readme:
         hub.fetch(snapshot, readme, dest=dest, what=what)
         license = hub.card_license(dest / "README.md")
-    records: list[dict[str, str]] = []
-    for entry in entries:
-        try:
-            table = pq.read_table(dest / entry.path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{what}/{entry.path}: not a readable Parquet file ({exc}).") from None
-        records += _read_table_rows(table.to_pylist(), spec, where=f"hf:{spec.repo}/{entry.path}")
     pinned = hub.pin_hub(snapshot, entries, license=license)
-    return ImportedSource(
-        path=pinned.uri, sha256=pinned.digest, records=records, license=license, pinned=pinned
+    rows = (
+        record
+        for entry in entries
+        for record in _table_records(
+            _parquet_batches(dest / entry.path, f"{what}/{entry.path}"),
+            spec,
+            where=f"hf:{spec.repo}/{entry.path}",
+        )
+    )
+    return SourceStream(
+        spec=spec, path=pinned.uri, rows=rows, sha256=pinned.digest, license=license, pinned=pinned
     )
 
 
-def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
-    """Read one import into records for its role; bad input raises `DataError` with file:line."""
+def open_source(spec: ImportParams, *, project_dir: Path) -> SourceStream:
+    """Check one import and open it; iterating the stream reads its records, lazily, once.
+
+    Bad input raises `DataError` with file:line: what can be checked without reading the
+    records (the path, a datasets folder's state.json, a Hub pin) on opening, the rest when
+    the records are read.
+    """
     if spec.format == "hub":
-        source = _read_hub(spec, project_dir=project_dir)
-        if not source.records:
-            raise DataError(f"{spec.name}: no records found; the import would add nothing.")
-        return source
+        return _open_hub(spec, project_dir=project_dir)
     assert spec.path is not None, "validated: every format but hub has a path"
     path = (project_dir / spec.path).resolve()
     if not path.exists():
@@ -267,20 +348,33 @@ def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
             path=spec.path,
         )
     if spec.format == "hf_datasets":
-        records, digest = _read_hf_datasets(path, spec)
-    else:
-        if not path.is_file():
-            raise DataError(f"{spec.path}: expected a file for format {spec.format}.")
-        digest = sha256_file(path)
-        match spec.format:
-            case "jsonl":
-                records = _read_jsonl(path, spec)
-            case "text":
-                records = _read_text(path, spec)
-            case "parquet":
-                records = _read_parquet(path, spec)
-    if not records:
+        return _open_hf_datasets(path, spec)
+    if not path.is_file():
+        raise DataError(f"{spec.path}: expected a file for format {spec.format}.")
+    if spec.format == "text" and spec.role != "pretrain":
         raise DataError(
-            f"{spec.path}: no records found; the import would add nothing.", path=spec.path
+            f"{spec.path}: text files can only feed role pretrain; "
+            "use jsonl or parquet for structured records."
         )
-    return ImportedSource(path=spec.path, sha256=digest, records=records, license=spec.license)
+    digest = sha256_file(path)
+    match spec.format:
+        case "jsonl":
+            rows = _read_jsonl(path, spec)
+        case "text":
+            rows = _read_text(path, spec)
+        case "parquet":
+            rows = _read_parquet(path, spec)
+    return SourceStream(spec=spec, path=spec.path, rows=rows, sha256=digest, license=spec.license)
+
+
+def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
+    """Read one import into records for its role; bad input raises `DataError` with file:line."""
+    stream = open_source(spec, project_dir=project_dir)
+    records = list(stream)
+    return ImportedSource(
+        path=stream.path,
+        sha256=stream.sha256,
+        records=records,
+        license=stream.license,
+        pinned=stream.pinned,
+    )

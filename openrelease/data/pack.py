@@ -1,27 +1,32 @@
 """Tokenise and pack pretraining documents into shards: in processes, incrementally, resumably.
 
-Documents are tokenised in chunks, in ``num_proc`` worker processes when asked (results come
-back in document order, so the output is byte-identical to one process), and packed as one
-``<bos> doc <eos>`` stream cut into ``seq_len`` rows. A shard is written as soon as it holds
-``seqs_per_shard`` rows, so memory holds one shard and the chunks in flight, never the whole
-token stream. Shards and the documents' JSONL go to a work folder keyed by a digest of
-everything that decides their bytes; after each shard a progress file records where the
-stream stood, so a killed run resumes after its last complete shard.
+Documents are read from a JSONL file (`records`) and tokenised in chunks of `CHUNK_DOCS`, in
+``num_proc`` worker processes when asked (results come back in document order, so the output
+is byte-identical to one process; at most `IN_FLIGHT_PER_PROC` chunks a process are submitted
+and not yet taken, however fast the workers are), and packed as one ``<bos> doc <eos>`` stream
+cut into ``seq_len`` rows. A shard is written as soon as it holds ``seqs_per_shard`` rows, so
+memory holds one shard and the chunks in flight, never the whole corpus or token stream.
+Shards and the documents' JSONL go to a work folder keyed by a digest of everything that
+decides their bytes; after each shard a progress file records where the stream stood, so a
+killed run resumes after its last complete shard.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import multiprocessing
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from openrelease.data.records import iter_records, record_line
 from openrelease.digest import sha256_bytes, sha256_file, sha256_json
 from openrelease.errors import DataError
 from openrelease.manifest import ShardEntry, read_json, write_json
@@ -32,6 +37,9 @@ DOCS_FILE = "pretrain_docs.jsonl"
 SHARD_DIR = "pretrain"
 CHUNK_DOCS = 512
 """Documents per tokenisation task."""
+IN_FLIGHT_PER_PROC = 2
+"""Chunks per worker process submitted ahead of the one being packed."""
+Doc = dict[str, str]
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -46,25 +54,39 @@ def _encode_chunk(texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _worker_tokenizer.encode_batch(texts)]
 
 
-def _chunks(texts: Sequence[str], start: int) -> Iterator[list[str]]:
-    for i in range(start, len(texts), CHUNK_DOCS):
-        yield list(texts[i : i + CHUNK_DOCS])
+def _chunks(docs_path: Path, start: int) -> Iterator[list[Doc]]:
+    """The documents of ``docs_path`` from ``start`` on, `CHUNK_DOCS` at a time."""
+    docs = iter_records(docs_path, start=start)
+    while chunk := list(itertools.islice(docs, CHUNK_DOCS)):
+        yield chunk
 
 
 def encode_documents(
-    tokenizer: Tokenizer, texts: Sequence[str], *, num_proc: int, start: int = 0
-) -> Iterator[list[list[int]]]:
-    """Token ids of ``texts[start:]``, chunk by chunk, in order; ``num_proc`` > 1 uses processes."""
+    tokenizer: Tokenizer, chunks: Iterable[list[Doc]], *, num_proc: int
+) -> Iterator[tuple[list[Doc], list[list[int]]]]:
+    """Each chunk of documents with the token ids of their texts, in order.
+
+    ``num_proc`` > 1 tokenises in processes, ``IN_FLIGHT_PER_PROC * num_proc`` chunks ahead.
+    """
     if num_proc <= 1:
-        for chunk in _chunks(texts, start):
-            yield [e.ids for e in tokenizer.encode_batch(chunk)]
+        for chunk in chunks:
+            yield chunk, [e.ids for e in tokenizer.encode_batch([d["text"] for d in chunk])]
         return
     # spawn: the parent's tokenizers thread pool must not be forked; each worker single-threaded
     # so num_proc processes use num_proc cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
-        yield from pool.imap(_encode_chunk, _chunks(texts, start), chunksize=1)
+        pending: deque[tuple[list[Doc], AsyncResult[list[list[int]]]]] = deque()
+        for chunk in chunks:
+            texts = [d["text"] for d in chunk]
+            pending.append((chunk, pool.apply_async(_encode_chunk, (texts,))))
+            if len(pending) > IN_FLIGHT_PER_PROC * num_proc:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
 
 
 @dataclass
@@ -138,7 +160,7 @@ class Packed:
 
 
 def pack_documents(
-    docs: Sequence[dict[str, str]],
+    docs_path: Path,
     *,
     tokenizer: Tokenizer,
     bos_id: int | None,
@@ -148,19 +170,18 @@ def pack_documents(
     num_proc: int,
     work_dir: Path,
 ) -> Packed:
-    """Tokenise ``docs`` (with ids), pack them and write shards and JSONL under ``work_dir``.
+    """Tokenise the documents of ``docs_path``, pack them, write shards and JSONL in ``work_dir``.
 
-    Each document gets ``offset`` and ``length`` (its span in the token stream) in the JSONL.
-    ``work_dir`` is reused when it holds an interrupted run of the same inputs.
+    ``docs_path`` holds one record (with its id and text) per document, as `records` writes
+    them. Each document gets ``offset`` and ``length`` (its span in the token stream) in the
+    JSONL. ``work_dir`` is reused when it holds an interrupted run of the same inputs.
 
     Raises:
         DataError: The corpus has fewer tokens than one sequence.
     """
     plan = sha256_json(
         {
-            "docs": sha256_bytes(
-                b"".join(json.dumps(d, sort_keys=True).encode() + b"\n" for d in docs)
-            ),
+            "docs": sha256_file(docs_path),
             "tokenizer": sha256_bytes(tokenizer.to_str().encode()),
             "bos": bos_id,
             "eos": eos_id,
@@ -174,25 +195,59 @@ def pack_documents(
         shutil.rmtree(work_dir, ignore_errors=True)
         (work_dir / SHARD_DIR).mkdir(parents=True)
         progress = _Progress(plan, 0, 0, [], 0, [])
-    head = [] if bos_id is None else [bos_id]
+    chunks = _chunks(docs_path, progress.next_doc)
+    encoded = encode_documents(tokenizer, chunks, num_proc=num_proc)
+    _pack_stream(
+        encoded,
+        progress,
+        work_dir,
+        head=[] if bos_id is None else [bos_id],
+        eos_id=eos_id,
+        seq_len=seq_len,
+        seqs_per_shard=seqs_per_shard,
+        resumed=bool(resumed),
+    )
+    num_seqs = sum(s.num_seqs for s in progress.shards)
+    if num_seqs == 0:
+        raise DataError(
+            f"the pretraining corpus has {progress.stream_tokens} tokens, fewer than one "
+            f"sequence of data.seq_len {seq_len}; add data or lower seq_len."
+        )
+    return Packed(progress.shards, work_dir / DOCS_FILE, num_seqs, resumed)
+
+
+def _pack_stream(
+    encoded: Iterable[tuple[list[Doc], list[list[int]]]],
+    progress: _Progress,
+    work_dir: Path,
+    *,
+    head: list[int],
+    eos_id: int,
+    seq_len: int,
+    seqs_per_shard: int,
+    resumed: bool,
+) -> None:
+    """Append the documents to the JSONL and their tokens to the stream; cut it into shards.
+
+    Each document adds ``head + ids + eos``; a shard (and the progress) is written each time the
+    stream holds one, and the whole rows left at the end make the last shard.
+    """
     shard_tokens = seq_len * seqs_per_shard
     with (work_dir / DOCS_FILE).open("r+b" if resumed else "wb") as out:
         out.truncate(progress.docs_bytes)
         out.seek(progress.docs_bytes)
         carry = progress.carry
         index = progress.next_doc
-        for ids_chunk in encode_documents(
-            tokenizer, [d["text"] for d in docs], num_proc=num_proc, start=progress.next_doc
-        ):
-            for ids in ids_chunk:
-                row = {
-                    **docs[index],
-                    "offset": str(progress.stream_tokens),
-                    "length": str(len(ids) + 1 + len(head)),
-                }
-                out.write((json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n").encode())
+        for docs, ids_chunk in encoded:
+            for doc, ids in zip(docs, ids_chunk, strict=True):
+                length = len(ids) + 1 + len(head)
+                out.write(
+                    record_line(
+                        {**doc, "offset": str(progress.stream_tokens), "length": str(length)}
+                    )
+                )
                 carry += [*head, *ids, eos_id]
-                progress.stream_tokens += len(ids) + 1 + len(head)
+                progress.stream_tokens += length
                 index += 1
                 while len(carry) >= shard_tokens:
                     rows = np.asarray(carry[:shard_tokens], dtype=np.int32)
@@ -207,13 +262,6 @@ def pack_documents(
         if num_full:
             rows = np.asarray(carry[: num_full * seq_len], dtype=np.int32)
             _finish_shard(rows.reshape(num_full, seq_len), work_dir, progress)
-    num_seqs = sum(s.num_seqs for s in progress.shards)
-    if num_seqs == 0:
-        raise DataError(
-            f"the pretraining corpus has {progress.stream_tokens} tokens, fewer than one "
-            f"sequence of data.seq_len {seq_len}; add data or lower seq_len."
-        )
-    return Packed(progress.shards, work_dir / DOCS_FILE, num_seqs, resumed)
 
 
 def _finish_shard(rows: np.ndarray, work_dir: Path, progress: _Progress) -> None:

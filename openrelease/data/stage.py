@@ -1,28 +1,28 @@
 """`openrelease data`: build the corpus, split it, train the tokenizer, pack and write manifests.
 
 The whole output folder is built beside the target and swapped in at the end, so a crash never
-leaves a half-written data folder.
+leaves a half-written data folder. The pretraining documents stream through it as files
+(`corpus` gathers them, the tokenizer trains on and `pack` reads them back), so the stage's
+memory does not grow with their number; what still does, slowly: the held-out digests (see
+`corpus`), the BPE trainer's table of distinct words, and one manifest entry per shard.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from openrelease.data import synthetic
-from openrelease.data.importers import read_source
+from openrelease.data.corpus import Corpus, gather_corpus, with_ids
 from openrelease.data.order import ORDER_ALGORITHM
 from openrelease.data.pack import DOCS_FILE, SHARD_DIR, pack_documents
-from openrelease.data.tasks import format_answer, format_reasoning
+from openrelease.data.records import RecordWriter, iter_records
+from openrelease.data.tasks import format_reasoning
 from openrelease.data.tokenizer import (
     BOS,
     EOS,
@@ -32,7 +32,7 @@ from openrelease.data.tokenizer import (
     train_tokenizer,
     use_tokenizer,
 )
-from openrelease.digest import hash_folder, sha256_bytes, sha256_file, sha256_json, sha256_tree
+from openrelease.digest import hash_folder, sha256_file, sha256_json, sha256_tree
 from openrelease.errors import DataError
 from openrelease.layout import STAGE_MANIFEST
 from openrelease.manifest import (
@@ -40,8 +40,6 @@ from openrelease.manifest import (
     DatasetEntry,
     FileEntry,
     PinnedSource,
-    SourceEntry,
-    write_bytes_atomic,
     write_json,
 )
 from openrelease.params import DataParams, PipelineParams
@@ -50,154 +48,44 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-@dataclass
-class _Corpus:
-    """Records per role, before tokenisation; ``sources`` describes where they came from."""
-
-    roles: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    sources: list[SourceEntry] = field(default_factory=list)
-
-    def add(self, role: str, records: list[dict[str, str]]) -> None:
-        self.roles.setdefault(role, []).extend(records)
-
-
-def _text_key(text: str) -> str:
-    return hashlib.sha256(" ".join(text.split()).lower().encode()).hexdigest()
-
-
-def _eval_take(count: int, fraction: float) -> int:
-    return max(1, round(count * fraction)) if count > 1 else 0
-
-
-def _add_synthetic(corpus: _Corpus, params: DataParams, seed: int) -> None:
-    syn = params.synthetic
-    stories = synthetic.generate_stories(seed, syn.num_stories)
-    problems = synthetic.generate_problems(seed, syn.num_problems, max_operand=syn.max_operand)
-    n_eval = _eval_take(len(stories), params.eval_fraction)
-    corpus.add("eval_text", [{"text": t, "source": "synthetic"} for t in stories[:n_eval]])
-    corpus.add("pretrain_docs", [{"text": t, "source": "synthetic"} for t in stories[n_eval:]])
-    p_eval = _eval_take(len(problems), params.eval_fraction)
-    as_rows = [
-        {
-            "prompt": p.prompt,
-            "reasoning": p.reasoning,
-            "answer": str(p.answer),
-            "source": "synthetic",
-        }
-        for p in problems
-    ]
-    corpus.add("eval_problems", as_rows[:p_eval])
-    rest = as_rows[p_eval:]
-    n_sft, n_distill = int(len(rest) * 0.4), int(len(rest) * 0.3)
-    corpus.add(
-        "sft",
-        [
-            {"prompt": r["prompt"], "response": format_answer(r["answer"]), "source": "synthetic"}
-            for r in rest[:n_sft]
-        ],
-    )
-    # Preference pairs reuse the sft problems with worked answers: a correct one over a wrong one.
-    sft_problems = problems[p_eval : p_eval + n_sft]
-    corpus.add("dpo", _pair_rows(synthetic.preference_pairs(seed, sft_problems, label="train")))
-    corpus.add(
-        "eval_dpo", _pair_rows(synthetic.preference_pairs(seed, problems[:p_eval], label="eval"))
-    )
-    corpus.add("distill", rest[n_sft : n_sft + n_distill])
-    corpus.add(
-        "grpo",
-        [
-            {"prompt": r["prompt"], "answer": r["answer"], "source": "synthetic"}
-            for r in rest[n_sft + n_distill :]
-        ],
-    )
-    spec = {"generator": "openrelease.synthetic/1", "seed": seed, **params.synthetic.model_dump()}
-    corpus.sources.append(
-        SourceEntry(
-            name="synthetic",
-            kind="synthetic",
-            path=None,
-            sha256=sha256_json(spec),
-            num_records=len(stories) + len(problems),
-        )
-    )
-
-
-def _pair_rows(pairs: list[synthetic.PreferencePair]) -> list[dict[str, str]]:
-    return [
-        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": "synthetic"}
-        for p in pairs
-    ]
-
-
-def _add_imports(corpus: _Corpus, params: DataParams, project_dir: Path) -> None:
-    for spec in params.imports:
-        source = read_source(spec, project_dir=project_dir)
-        role = "pretrain_docs" if spec.role == "pretrain" else spec.role
-        records = [{**r, "source": spec.name} for r in source.records]
-        if spec.role == "dpo":
-            # Imported pairs are the only preference data a real recipe has: hold out a share
-            # for the eval stage's preference accuracy.
-            n_eval = _eval_take(len(records), params.eval_fraction)
-            corpus.add("eval_dpo", records[:n_eval])
-            records = records[n_eval:]
-        corpus.add(role, records)
-        corpus.sources.append(
-            SourceEntry(
-                name=spec.name if spec.format == "hub" else Path(source.path).name,
-                kind=spec.format,
-                path=source.path,
-                sha256=source.sha256,
-                num_records=len(source.records),
-                license=source.license,
-                pinned=source.pinned,
-            )
-        )
-
-
-def _drop_eval_overlap(corpus: _Corpus) -> None:
-    """Remove training items whose normalised text equals a held-out item (checked by hash)."""
-    held_out = {_text_key(r["text"]) for r in corpus.roles.get("eval_text", [])}
-    held_out |= {_text_key(r["prompt"]) for r in corpus.roles.get("eval_problems", [])}
-    held_out |= {_text_key(r["prompt"]) for r in corpus.roles.get("eval_dpo", [])}
-    for role, key_field in (
-        ("pretrain_docs", "text"),
-        ("sft", "prompt"),
-        ("dpo", "prompt"),
-        ("distill", "prompt"),
-        ("grpo", "prompt"),
-    ):
-        kept = [r for r in corpus.roles.get(role, []) if _text_key(r[key_field]) not in held_out]
-        dropped = len(corpus.roles.get(role, [])) - len(kept)
-        if dropped:
-            logger.warning(
-                "dropped %d %s records that duplicate held-out eval items", dropped, role
-            )
-        corpus.roles[role] = kept
-
-
-def _with_ids(role: str, records: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"id": f"{role}-{i:07d}", **r} for i, r in enumerate(records)]
-
-
-def _training_texts(corpus: _Corpus) -> list[str]:
-    texts = [r["text"] for r in corpus.roles.get("pretrain_docs", [])]
+def _training_texts(corpus: Corpus) -> Iterator[str]:
+    """The texts the tokenizer trains on: the documents (read back), then the small roles'."""
+    yield from (r["text"] for r in iter_records(corpus.docs_path))
     for r in corpus.roles.get("sft", []):
-        texts += [r["prompt"], r["response"]]
+        yield from (r["prompt"], r["response"])
     for r in corpus.roles.get("dpo", []):
-        texts += [r["prompt"], r["chosen"], r["rejected"]]
+        yield from (r["prompt"], r["chosen"], r["rejected"])
     for r in corpus.roles.get("distill", []):
-        texts += [r["prompt"], format_reasoning(r["reasoning"], r["answer"])]
-    texts += [r["prompt"] for r in corpus.roles.get("grpo", [])]
-    return texts
+        yield from (r["prompt"], format_reasoning(r["reasoning"], r["answer"]))
+    yield from (r["prompt"] for r in corpus.roles.get("grpo", []))
 
 
 def _write_jsonl(path: Path, records: list[dict[str, str]]) -> DatasetEntry:
-    lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-    data = lines.encode("utf-8")
-    write_bytes_atomic(path, data)
-    return DatasetEntry(
-        path=path.name, sha256=sha256_bytes(data), size=len(data), num_records=len(records)
-    )
+    """Write ``records`` to ``path`` (atomically); its manifest entry."""
+    with RecordWriter(path) as out:
+        for record in records:
+            out.write(record)
+    return out.entry()
+
+
+def _write_datasets(corpus: Corpus, out_dir: Path) -> dict[str, DatasetEntry]:
+    """Write the small roles' JSONL; the entries of every dataset (the streamed ones written)."""
+    docs_path = out_dir / DOCS_FILE
+    datasets = {
+        "pretrain_docs": DatasetEntry(
+            path=DOCS_FILE,
+            sha256=sha256_file(docs_path),
+            size=docs_path.stat().st_size,
+            num_records=corpus.num_docs,
+        )
+    }
+    for role in ("sft", "dpo", "distill", "grpo"):
+        datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", with_ids(role, corpus.roles[role]))
+    datasets["eval_text"] = corpus.eval_text
+    for role in ("eval_problems", "eval_dpo"):
+        records = with_ids(role, corpus.roles.get(role, []))
+        datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", records)
+    return datasets
 
 
 def _swap_in(tmp_dir: Path, out_dir: Path) -> None:
@@ -223,11 +111,8 @@ def build_data(
     tmp_dir.mkdir(parents=True)
     try:
         say("generating and importing the corpus")
-        corpus = _Corpus()
-        _add_synthetic(corpus, params, seed)
-        _add_imports(corpus, params, project_dir)
-        _drop_eval_overlap(corpus)
-        if not corpus.roles.get("pretrain_docs"):
+        corpus = gather_corpus(params, seed=seed, project_dir=project_dir, out_dir=tmp_dir)
+        if not corpus.num_docs:
             raise DataError(
                 "no pretraining documents: raise data.synthetic.num_stories or add "
                 "an import with role pretrain."
@@ -253,7 +138,7 @@ def build_data(
 
 
 def _tokenizer(
-    corpus: _Corpus, params: DataParams, *, out_dir: Path, project_dir: Path, say: Progress
+    corpus: Corpus, params: DataParams, *, out_dir: Path, project_dir: Path, say: Progress
 ) -> tuple[Tokenizer, str | None, str, PinnedSource | None]:
     """The tokenizer (trained, or the pinned one of ``data.tokenizer.from``), its bos and eos."""
     spec = params.tokenizer.from_
@@ -275,7 +160,7 @@ def _tokenizer(
 
 
 def _write_outputs(
-    corpus: _Corpus,
+    corpus: Corpus,
     params: DataParams,
     *,
     seed: int,
@@ -289,12 +174,11 @@ def _write_outputs(
     )
     write_json(out_dir / "tokenizer_probe.json", make_probe(tokenizer))
     say("tokenizing and packing")
-    docs = _with_ids("doc", corpus.roles["pretrain_docs"])
     bos_id = None if bos is None else tokenizer.token_to_id(bos)
     eos_id = tokenizer.token_to_id(eos)
     assert eos_id is not None, "the eos token is in the vocabulary (checked on load)"
     packed = pack_documents(
-        docs,
+        corpus.docs_path,
         tokenizer=tokenizer,
         bos_id=bos_id,
         eos_id=eos_id,
@@ -305,23 +189,12 @@ def _write_outputs(
     )
     if packed.resumed_shards:
         logger.info("resumed packing after %d complete shards", packed.resumed_shards)
+    corpus.docs_path.unlink()
     os.replace(work_dir / SHARD_DIR, out_dir / SHARD_DIR)
     os.replace(packed.docs_path, out_dir / DOCS_FILE)
     shutil.rmtree(work_dir, ignore_errors=True)
     shards = packed.shards
-    docs_path = out_dir / DOCS_FILE
-    datasets = {
-        "pretrain_docs": DatasetEntry(
-            path=DOCS_FILE,
-            sha256=sha256_file(docs_path),
-            size=docs_path.stat().st_size,
-            num_records=len(docs),
-        )
-    }
-    id_prefixes = {"eval_text": "eval", "eval_problems": "evalp", "eval_dpo": "evald"}
-    for role in ("sft", "dpo", "distill", "grpo", "eval_text", "eval_problems", "eval_dpo"):
-        records = _with_ids(id_prefixes.get(role, role), corpus.roles.get(role, []))
-        datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", records)
+    datasets = _write_datasets(corpus, out_dir)
     tok_files = hash_folder(out_dir / "tokenizer")
     body = {
         "seed": seed,

@@ -1,12 +1,14 @@
 """Deterministic synthetic corpus: seeded prose stories, arithmetic problems, preference pairs.
 
 Everything here is a pure function of the seed; no randomness comes from the environment.
+Stories are yielded one at a time (`iter_stories`), so a large corpus is never held whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from openrelease.data.tasks import format_reasoning
@@ -95,10 +97,9 @@ def _rng(seed: int, label: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:16], "big"))
 
 
-def generate_stories(seed: int, count: int) -> list[str]:
-    """Return ``count`` short prose stories; the same seed gives the same stories."""
+def iter_stories(seed: int, count: int) -> Iterator[str]:
+    """Yield ``count`` short prose stories, one at a time; the same seed gives the same stories."""
     rng = _rng(seed, "stories")
-    stories = []
     for _ in range(count):
         slots = {
             "name": rng.choice(NAMES),
@@ -110,8 +111,12 @@ def generate_stories(seed: int, count: int) -> list[str]:
         }
         middle = rng.sample(_MIDDLES, k=rng.randint(2, 4))
         sentences = [rng.choice(_OPENINGS), *middle, rng.choice(_ENDINGS)]
-        stories.append(" ".join(s.format(**slots) for s in sentences))
-    return stories
+        yield " ".join(s.format(**slots) for s in sentences)
+
+
+def generate_stories(seed: int, count: int) -> list[str]:
+    """The stories of `iter_stories` as a list (the data stage streams them instead)."""
+    return list(iter_stories(seed, count))
 
 
 @dataclass(frozen=True)
