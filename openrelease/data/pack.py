@@ -49,9 +49,21 @@ def _init_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
-def _encode_chunk(texts: list[str]) -> list[list[int]]:
+Encoded = tuple[np.ndarray, np.ndarray]
+"""A chunk's token ids end to end (int32) and each document's count (int64): arrays, so they
+cross between processes as bytes, not as millions of pickled ints."""
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str]) -> Encoded:
+    ids = [e.ids for e in tokenizer.encode_batch(texts)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _encode_chunk(texts: list[str]) -> Encoded:
     assert _worker_tokenizer is not None, "the pool initialiser loads the tokenizer"
-    return [e.ids for e in _worker_tokenizer.encode_batch(texts)]
+    return _encode(_worker_tokenizer, texts)
 
 
 def _chunks(docs_path: Path, start: int) -> Iterator[list[Doc]]:
@@ -63,21 +75,21 @@ def _chunks(docs_path: Path, start: int) -> Iterator[list[Doc]]:
 
 def encode_documents(
     tokenizer: Tokenizer, chunks: Iterable[list[Doc]], *, num_proc: int
-) -> Iterator[tuple[list[Doc], list[list[int]]]]:
-    """Each chunk of documents with the token ids of their texts, in order.
+) -> Iterator[tuple[list[Doc], Encoded]]:
+    """Each chunk of documents with the token ids of their texts (`Encoded`), in order.
 
     ``num_proc`` > 1 tokenises in processes, ``IN_FLIGHT_PER_PROC * num_proc`` chunks ahead.
     """
     if num_proc <= 1:
         for chunk in chunks:
-            yield chunk, [e.ids for e in tokenizer.encode_batch([d["text"] for d in chunk])]
+            yield chunk, _encode(tokenizer, [d["text"] for d in chunk])
         return
     # spawn: the parent's tokenizers thread pool must not be forked; each worker single-threaded
     # so num_proc processes use num_proc cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
-        pending: deque[tuple[list[Doc], AsyncResult[list[list[int]]]]] = deque()
+        pending: deque[tuple[list[Doc], AsyncResult[Encoded]]] = deque()
         for chunk in chunks:
             texts = [d["text"] for d in chunk]
             pending.append((chunk, pool.apply_async(_encode_chunk, (texts,))))
@@ -95,8 +107,8 @@ class _Progress:
     next_doc: int
     stream_tokens: int
     """Tokens emitted into the stream so far (the next document's offset)."""
-    carry: list[int]
-    """Tokens after the last complete shard, not yet in a shard."""
+    carry: np.ndarray
+    """Tokens after the last complete shard, not yet in a shard (int32)."""
     docs_bytes: int
     """Bytes of the documents' JSONL written for documents before ``next_doc``."""
     shards: list[ShardEntry]
@@ -142,7 +154,7 @@ def _resume(work_dir: Path, plan: str) -> _Progress | None:
         plan=plan,
         next_doc=raw["next_doc"],
         stream_tokens=raw["stream_tokens"],
-        carry=np.load(carry_path, allow_pickle=False).tolist(),
+        carry=np.load(carry_path, allow_pickle=False).astype(np.int32),
         docs_bytes=raw["docs_bytes"],
         shards=shards,
     )
@@ -194,7 +206,7 @@ def pack_documents(
     if progress is None:
         shutil.rmtree(work_dir, ignore_errors=True)
         (work_dir / SHARD_DIR).mkdir(parents=True)
-        progress = _Progress(plan, 0, 0, [], 0, [])
+        progress = _Progress(plan, 0, 0, np.zeros(0, dtype=np.int32), 0, [])
     chunks = _chunks(docs_path, progress.next_doc)
     encoded = encode_documents(tokenizer, chunks, num_proc=num_proc)
     _pack_stream(
@@ -216,8 +228,23 @@ def pack_documents(
     return Packed(progress.shards, work_dir / DOCS_FILE, num_seqs, resumed)
 
 
+def _with_markers(encoded: Encoded, head: list[int], eos_id: int) -> Encoded:
+    """The chunk as stream tokens, ``head + ids + eos`` per document, and each one's length."""
+    flat, lengths = encoded
+    sizes = lengths + len(head) + 1
+    ends = np.cumsum(sizes)
+    stream = np.empty(int(ends[-1]), dtype=np.int32)
+    is_id = np.ones(len(stream), dtype=bool)
+    starts = ends - sizes
+    for j, token in enumerate(head):
+        stream[starts + j], is_id[starts + j] = token, False
+    stream[ends - 1], is_id[ends - 1] = eos_id, False
+    stream[is_id] = flat
+    return stream, sizes
+
+
 def _pack_stream(
-    encoded: Iterable[tuple[list[Doc], list[list[int]]]],
+    encoded: Iterable[tuple[list[Doc], Encoded]],
     progress: _Progress,
     work_dir: Path,
     *,
@@ -229,39 +256,46 @@ def _pack_stream(
 ) -> None:
     """Append the documents to the JSONL and their tokens to the stream; cut it into shards.
 
-    Each document adds ``head + ids + eos``; a shard (and the progress) is written each time the
-    stream holds one, and the whole rows left at the end make the last shard.
+    Each document adds ``head + ids + eos``; a shard (and the progress, at the document that
+    completed it) is written each time the stream holds one, and the whole rows left at the end
+    make the last shard.
     """
     shard_tokens = seq_len * seqs_per_shard
     with (work_dir / DOCS_FILE).open("r+b" if resumed else "wb") as out:
         out.truncate(progress.docs_bytes)
         out.seek(progress.docs_bytes)
-        carry = progress.carry
         index = progress.next_doc
-        for docs, ids_chunk in encoded:
-            for doc, ids in zip(docs, ids_chunk, strict=True):
-                length = len(ids) + 1 + len(head)
+        for docs, ids in encoded:
+            stream, sizes = _with_markers(ids, head, eos_id)
+            taken = 0  # the chunk's stream tokens before this are in progress.carry
+            ends = np.cumsum(sizes).tolist()
+            for doc, length, end in zip(docs, sizes.tolist(), ends, strict=True):
                 out.write(
                     record_line(
                         {**doc, "offset": str(progress.stream_tokens), "length": str(length)}
                     )
                 )
-                carry += [*head, *ids, eos_id]
                 progress.stream_tokens += length
                 index += 1
+                if len(progress.carry) + end - taken < shard_tokens:
+                    continue
+                carry = np.concatenate([progress.carry, stream[taken:end]])
+                taken = end
                 while len(carry) >= shard_tokens:
-                    rows = np.asarray(carry[:shard_tokens], dtype=np.int32)
+                    rows = carry[:shard_tokens].reshape(seqs_per_shard, seq_len)
                     carry = carry[shard_tokens:]
-                    _finish_shard(rows.reshape(seqs_per_shard, seq_len), work_dir, progress)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    progress.next_doc, progress.carry = index, carry
-                    progress.docs_bytes = out.tell()
-                    progress.save(work_dir)
+                    _finish_shard(rows, work_dir, progress)
+                out.flush()
+                os.fsync(out.fileno())
+                progress.next_doc, progress.carry = index, carry.copy()
+                progress.docs_bytes = out.tell()
+                progress.save(work_dir)
+            progress.carry = np.concatenate([progress.carry, stream[taken:]])
+        carry = progress.carry
         num_full = len(carry) // seq_len
         if num_full:
-            rows = np.asarray(carry[: num_full * seq_len], dtype=np.int32)
-            _finish_shard(rows.reshape(num_full, seq_len), work_dir, progress)
+            rows = carry[: num_full * seq_len].reshape(num_full, seq_len)
+            _finish_shard(rows, work_dir, progress)
 
 
 def _finish_shard(rows: np.ndarray, work_dir: Path, progress: _Progress) -> None:
