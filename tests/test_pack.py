@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from project_paths import REPO_ROOT, TEST_PARAMS
 
@@ -79,3 +80,23 @@ def test_processes_and_a_killed_run_give_the_same_bytes(tmp_path: Path) -> None:
     for name in ("shard-00000.npy", "shard-00001.npy", "shard-00002.npy"):
         assert (final / name).stat().st_ino == kept[name]
     assert (final / "shard-00003.npy").stat().st_ino != kept["shard-00003.npy"]
+
+
+def test_worker_processes_leave_the_callers_environment_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The workers run single-threaded; the caller's own tokenizers keep their threads."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from openrelease.data.encoding import encode_documents
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    tokenizer = Tokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    chunks = [[{"text": "a b a"}], [{"text": "b c"}]]
+    encoded = list(encode_documents(tokenizer, chunks, num_proc=2))
+    assert [ids.tolist() for _, (ids, _) in encoded] == [[0, 1, 0], [1, 2]]
+    assert [n.tolist() for _, (_, n) in encoded] == [[3], [2]]
+    assert "TOKENIZERS_PARALLELISM" not in os.environ

@@ -14,18 +14,16 @@ killed run resumes after its last complete shard.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import shutil
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from openrelease.data.encoding import Doc, Encoded, encode_documents
 from openrelease.data.records import iter_records, record_line
 from openrelease.digest import sha256_bytes, sha256_file, sha256_json
 from openrelease.errors import DataError
@@ -37,33 +35,6 @@ DOCS_FILE = "pretrain_docs.jsonl"
 SHARD_DIR = "pretrain"
 CHUNK_DOCS = 512
 """Documents per tokenisation task."""
-IN_FLIGHT_PER_PROC = 2
-"""Chunks per worker process submitted ahead of the one being packed."""
-Doc = dict[str, str]
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
-
-
-Encoded = tuple[np.ndarray, np.ndarray]
-"""A chunk's token ids end to end (int32) and each document's count (int64): arrays, so they
-cross between processes as bytes, not as millions of pickled ints."""
-
-
-def _encode(tokenizer: Tokenizer, texts: list[str]) -> Encoded:
-    ids = [e.ids for e in tokenizer.encode_batch(texts)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    return flat, lengths
-
-
-def _encode_chunk(texts: list[str]) -> Encoded:
-    assert _worker_tokenizer is not None, "the pool initialiser loads the tokenizer"
-    return _encode(_worker_tokenizer, texts)
 
 
 def _chunks(docs_path: Path, start: int) -> Iterator[list[Doc]]:
@@ -71,34 +42,6 @@ def _chunks(docs_path: Path, start: int) -> Iterator[list[Doc]]:
     docs = iter_records(docs_path, start=start)
     while chunk := list(itertools.islice(docs, CHUNK_DOCS)):
         yield chunk
-
-
-def encode_documents(
-    tokenizer: Tokenizer, chunks: Iterable[list[Doc]], *, num_proc: int
-) -> Iterator[tuple[list[Doc], Encoded]]:
-    """Each chunk of documents with the token ids of their texts (`Encoded`), in order.
-
-    ``num_proc`` > 1 tokenises in processes, ``IN_FLIGHT_PER_PROC * num_proc`` chunks ahead.
-    """
-    if num_proc <= 1:
-        for chunk in chunks:
-            yield chunk, _encode(tokenizer, [d["text"] for d in chunk])
-        return
-    # spawn: the parent's tokenizers thread pool must not be forked; each worker single-threaded
-    # so num_proc processes use num_proc cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
-        pending: deque[tuple[list[Doc], AsyncResult[Encoded]]] = deque()
-        for chunk in chunks:
-            texts = [d["text"] for d in chunk]
-            pending.append((chunk, pool.apply_async(_encode_chunk, (texts,))))
-            if len(pending) > IN_FLIGHT_PER_PROC * num_proc:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
 
 
 @dataclass
