@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +23,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from openrelease.params import ModelParams
+from openrelease.params import ModelParams, load_params
 from openrelease.train.adamw import PortableAdamW, ieee_sqrt
+from openrelease.train.launch import launch_env
 from openrelease.train.model import build_model
+
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -113,6 +118,19 @@ def digests() -> dict[str, str]:
     """Every kernel's digest, in this process (pins must be set before torch started)."""
     torch.set_num_threads(1)
     return {name: fn() for name, fn in KERNELS.items()}
+
+
+def under_pins(params_path: Path) -> dict[str, str]:
+    """`digests` in a fresh interpreter under the pins of ``params_path`` (set before torch)."""
+    env = launch_env(load_params(params_path).compute)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"kernel_digests.py failed:\n{done.stderr[-3000:]}")
+    result: dict[str, str] = json.loads(done.stdout)
+    return result
 
 
 if __name__ == "__main__":

@@ -106,18 +106,12 @@ def segment(root: Path) -> dict[str, str]:
 
 def kernel_digests(params_path: Path) -> dict[str, str]:
     """tests/golden/kernel_digests.py in a fresh interpreter under the recipe's pins."""
-    from openrelease.train.launch import launch_env
+    from kernel_digests import under_pins  # this script's folder is sys.path[0]
 
-    env = launch_env(load_params(params_path).compute)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    script = str(Path(__file__).resolve().parent / "kernel_digests.py")
-    done = subprocess.run(
-        [sys.executable, script], env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        sys.exit(f"kernel_digests.py failed:\n{done.stderr[-3000:]}")
-    digests: dict[str, str] = json.loads(done.stdout)
-    return digests
+    try:
+        return under_pins(params_path)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
 
 
 def pipeline(root: Path) -> dict[str, Any]:
