@@ -2,15 +2,15 @@
 
 A record is one line: the object with sorted keys, UTF-8 (not ASCII-escaped), then a newline.
 `RecordWriter` writes a file record by record to a temp name beside it, fsyncs it and renames
-it into place when closed without an error, so a file is whole or absent; `iter_records` reads
-one back lazily.
+it into place when closed without an error, so a file is whole or absent (`write_records` for
+a list); `iter_records` reads one back lazily.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -72,3 +72,11 @@ class RecordWriter:
             size=self.path.stat().st_size,
             num_records=self.num_records,
         )
+
+
+def write_records(path: Path, records: Iterable[dict[str, str]]) -> DatasetEntry:
+    """Write ``records`` to ``path`` (whole or absent); the file's manifest entry."""
+    with RecordWriter(path) as out:
+        for record in records:
+            out.write(record)
+    return out.entry()

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from openrelease.data.corpus import Corpus, gather_corpus, with_ids
 from openrelease.data.order import ORDER_ALGORITHM
 from openrelease.data.pack import DOCS_FILE, SHARD_DIR, pack_documents
-from openrelease.data.records import RecordWriter, iter_records
+from openrelease.data.records import iter_records, write_records
 from openrelease.data.tasks import format_reasoning
 from openrelease.data.tokenizer import (
     BOS,
@@ -60,14 +60,6 @@ def _training_texts(corpus: Corpus) -> Iterator[str]:
     yield from (r["prompt"] for r in corpus.roles.get("grpo", []))
 
 
-def _write_jsonl(path: Path, records: list[dict[str, str]]) -> DatasetEntry:
-    """Write ``records`` to ``path`` (atomically); its manifest entry."""
-    with RecordWriter(path) as out:
-        for record in records:
-            out.write(record)
-    return out.entry()
-
-
 def _write_datasets(corpus: Corpus, out_dir: Path) -> dict[str, DatasetEntry]:
     """Write the small roles' JSONL; the entries of every dataset (the streamed ones written)."""
     docs_path = out_dir / DOCS_FILE
@@ -79,12 +71,12 @@ def _write_datasets(corpus: Corpus, out_dir: Path) -> dict[str, DatasetEntry]:
             num_records=corpus.num_docs,
         )
     }
-    for role in ("sft", "dpo", "distill", "grpo"):
-        datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", with_ids(role, corpus.roles[role]))
-    datasets["eval_text"] = corpus.eval_text
-    for role in ("eval_problems", "eval_dpo"):
-        records = with_ids(role, corpus.roles.get(role, []))
-        datasets[role] = _write_jsonl(out_dir / f"{role}.jsonl", records)
+    for role in ("sft", "dpo", "distill", "grpo", "eval_text", "eval_problems", "eval_dpo"):
+        if role == "eval_text":  # streamed: written while the corpus was gathered
+            datasets[role] = corpus.eval_text
+        else:
+            records = with_ids(role, corpus.roles.get(role, []))
+            datasets[role] = write_records(out_dir / f"{role}.jsonl", records)
     return datasets
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from openrelease.data.records import record_line
 from openrelease.data.store import DataStore
 from openrelease.data.tasks import extract_answer, format_reasoning
 from openrelease.digest import hash_folder, sha256_bytes, sha256_file, sha256_tree
@@ -159,14 +160,7 @@ def prepare_traces(
                     f"teacher {teacher.path} produced no correct trace; lower "
                     "distill.teacher.reject_incorrect or use a stronger teacher."
                 )
-    lines = "".join(
-        json.dumps(
-            {k: r[k] for k in ("prompt", "reasoning", "answer")}, sort_keys=True, ensure_ascii=False
-        )
-        + "\n"
-        for r in rows
-    )
-    data = lines.encode("utf-8")
+    data = b"".join(record_line({k: r[k] for k in ("prompt", "reasoning", "answer")}) for r in rows)
     write_bytes_atomic(out_dir / TRACES_FILE, data)
     record = TeacherRecord(
         kind=teacher.kind,
