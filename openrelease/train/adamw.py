@@ -25,7 +25,7 @@ trainer uses none of them. CUDA keeps torch's fused AdamW.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,6 +42,17 @@ def ieee_sqrt(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError(f"ieee_sqrt takes CPU tensors, not {t.device.type}")
     return torch.from_numpy(np.sqrt(t.detach().contiguous().numpy()))
+
+
+@dataclass(frozen=True)
+class _Hyper:
+    """One param group's hyperparameters as Python floats (as torch's AdamW uses them)."""
+
+    lr: float
+    eps: float
+    weight_decay: float
+    beta1: float
+    beta2: float
 
 
 class PortableAdamW(torch.optim.AdamW):
@@ -68,12 +79,19 @@ class PortableAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            hyper = _Hyper(
+                lr=float(group["lr"]),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                beta1=float(group["betas"][0]),
+                beta2=float(group["betas"][1]),
+            )
             for param in group["params"]:
                 if param.grad is not None:
-                    self._update(param, param.grad, group)
+                    self._update(param, param.grad, hyper)
         return loss
 
-    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, h: _Hyper) -> None:
         if grad.is_sparse or param.is_complex():
             raise ValueError("PortableAdamW takes dense real parameters")
         state = self.state[param]
@@ -81,17 +99,15 @@ class PortableAdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        lr, eps, weight_decay = float(group["lr"]), float(group["eps"]), group["weight_decay"]
-        beta1, beta2 = (float(b) for b in group["betas"])
         p, grad = _local(param), _local(grad)
         exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
         state["step"] += 1
         step = float(state["step"].item())
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (ieee_sqrt(exp_avg_sq).view_as(exp_avg_sq) / bias_correction2_sqrt).add_(eps)
+        if h.weight_decay != 0:
+            p.mul_(1 - h.lr * h.weight_decay)
+        exp_avg.lerp_(grad, 1 - h.beta1)
+        exp_avg_sq.mul_(h.beta2).addcmul_(grad, grad, value=1 - h.beta2)
+        step_size = h.lr / (1 - h.beta1**step)
+        bias_correction2_sqrt = (1 - h.beta2**step) ** 0.5
+        denom = (ieee_sqrt(exp_avg_sq).view_as(exp_avg_sq) / bias_correction2_sqrt).add_(h.eps)
         p.addcdiv_(exp_avg, denom, value=-step_size)
