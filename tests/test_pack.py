@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_worker_processes_leave_the_callers_environment_as_it_was(
     tokenizer = Tokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
     chunks = [[{"text": "a b a"}], [{"text": "b c"}]]
-    encoded = list(encode_documents(tokenizer, chunks, num_proc=2))
+    encoded = list(encode_documents(tokenizer, chunks, operator.itemgetter("text"), num_proc=2))
     assert [ids.tolist() for _, (ids, _) in encoded] == [[0, 1, 0], [1, 2]]
     assert [n.tolist() for _, (_, n) in encoded] == [[3], [2]]
     assert "TOKENIZERS_PARALLELISM" not in os.environ

@@ -1,8 +1,8 @@
 """Token ids of documents, in this process or in ``num_proc`` worker processes, in order.
 
-Its own module, importing only NumPy and tokenizers, because every spawned worker imports the
-module that defines its task: this one costs about 0.1 s to import where `pack` (pydantic
-manifests and all) cost 0.3 s, and a worker encodes nothing until it is imported.
+Its own module, importing only NumPy and tokenizers, because the workers' fork server imports
+the module that defines their task before the first one starts: this one costs about 0.1 s to
+import where `pack` (pydantic manifests and all) cost 0.3 s.
 """
 
 from __future__ import annotations
@@ -11,22 +11,25 @@ import itertools
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.pool import AsyncResult
+from typing import TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
 
 IN_FLIGHT_PER_PROC = 2
 """Chunks per worker process submitted ahead of the one being packed."""
-Doc = dict[str, str]
+T = TypeVar("T")
 
 _worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
+    # One thread a worker, so num_proc processes use num_proc cores (tokenizers reads the
+    # variable when it encodes; it is set in the worker only, never in the caller).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
@@ -47,41 +50,32 @@ def _encode_chunk(texts: list[str]) -> Encoded:
     return _encode(_worker_tokenizer, texts)
 
 
-@contextmanager
-def _workers_env(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in os.environ while worker processes start (they copy it), then as before."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def encode_documents(
-    tokenizer: Tokenizer, chunks: Iterable[list[Doc]], *, num_proc: int
-) -> Iterator[tuple[list[Doc], Encoded]]:
+    tokenizer: Tokenizer,
+    chunks: Iterable[Sequence[T]],
+    text: Callable[[T], str],
+    *,
+    num_proc: int,
+) -> Iterator[tuple[Sequence[T], Encoded]]:
     """Each chunk of documents with the token ids of their texts (`Encoded`), in order.
 
-    ``num_proc`` > 1 tokenises in processes, ``IN_FLIGHT_PER_PROC * num_proc`` chunks ahead.
+    ``text`` gives a document's text. ``num_proc`` > 1 tokenises in processes,
+    ``IN_FLIGHT_PER_PROC * num_proc`` chunks ahead.
     """
     if num_proc <= 1:
         for chunk in chunks:
-            yield chunk, _encode(tokenizer, [d["text"] for d in chunk])
+            yield chunk, _encode(tokenizer, [text(d) for d in chunk])
         return
-    # spawn: the parent's tokenizers thread pool must not be forked; each worker single-threaded
-    # so num_proc processes use num_proc cores (the variable is set for the workers only).
-    ctx = multiprocessing.get_context("spawn")
-    with _workers_env({"TOKENIZERS_PARALLELISM": "false"}):
-        pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),))
+    # forkserver: workers fork from a fresh server process that has imported this module once,
+    # never from the caller, whose threads (tokenizers' pool, MLflow's) must not be forked;
+    # each worker starts in 10 ms where a spawned one imports NumPy and tokenizers again.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),))
     with pool:
-        pending: deque[tuple[list[Doc], AsyncResult[Encoded]]] = deque()
+        pending: deque[tuple[Sequence[T], AsyncResult[Encoded]]] = deque()
         for chunk in chunks:
-            texts = [d["text"] for d in chunk]
+            texts = [text(d) for d in chunk]
             pending.append((chunk, pool.apply_async(_encode_chunk, (texts,))))
             if len(pending) > IN_FLIGHT_PER_PROC * num_proc:
                 done, result = pending.popleft()

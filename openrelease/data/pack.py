@@ -16,15 +16,15 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from openrelease.data.encoding import Doc, Encoded, encode_documents
-from openrelease.data.records import iter_records, record_line
+from openrelease.data.encoding import Encoded, encode_documents
+from openrelease.data.records import FieldSplicer, iter_lines
 from openrelease.digest import sha256_bytes, sha256_file, sha256_json
 from openrelease.errors import DataError
 from openrelease.manifest import ShardEntry, read_json, write_json
@@ -37,11 +37,19 @@ CHUNK_DOCS = 512
 """Documents per tokenisation task."""
 
 
-def _chunks(docs_path: Path, start: int) -> Iterator[list[Doc]]:
+Line = tuple[bytes, dict[str, str]]
+"""A document's JSONL line and its record."""
+
+
+def _chunks(docs_path: Path, start: int) -> Iterator[list[Line]]:
     """The documents of ``docs_path`` from ``start`` on, `CHUNK_DOCS` at a time."""
-    docs = iter_records(docs_path, start=start)
+    docs = iter_lines(docs_path, start=start)
     while chunk := list(itertools.islice(docs, CHUNK_DOCS)):
         yield chunk
+
+
+def _text(line: Line) -> str:
+    return line[1]["text"]
 
 
 @dataclass
@@ -151,7 +159,7 @@ def pack_documents(
         (work_dir / SHARD_DIR).mkdir(parents=True)
         progress = _Progress(plan, 0, 0, np.zeros(0, dtype=np.int32), 0, [])
     chunks = _chunks(docs_path, progress.next_doc)
-    encoded = encode_documents(tokenizer, chunks, num_proc=num_proc)
+    encoded = encode_documents(tokenizer, chunks, _text, num_proc=num_proc)
     _pack_stream(
         encoded,
         progress,
@@ -187,7 +195,7 @@ def _with_markers(encoded: Encoded, head: list[int], eos_id: int) -> Encoded:
 
 
 def _pack_stream(
-    encoded: Iterable[tuple[list[Doc], Encoded]],
+    encoded: Iterable[tuple[Sequence[Line], Encoded]],
     progress: _Progress,
     work_dir: Path,
     *,
@@ -208,16 +216,13 @@ def _pack_stream(
         out.truncate(progress.docs_bytes)
         out.seek(progress.docs_bytes)
         index = progress.next_doc
+        splice = FieldSplicer(("offset", "length"))
         for docs, ids in encoded:
             stream, sizes = _with_markers(ids, head, eos_id)
             taken = 0  # the chunk's stream tokens before this are in progress.carry
             ends = np.cumsum(sizes).tolist()
-            for doc, length, end in zip(docs, sizes.tolist(), ends, strict=True):
-                out.write(
-                    record_line(
-                        {**doc, "offset": str(progress.stream_tokens), "length": str(length)}
-                    )
-                )
+            for (line, doc), length, end in zip(docs, sizes.tolist(), ends, strict=True):
+                out.write(splice(line, doc, (str(progress.stream_tokens), str(length))))
                 progress.stream_tokens += length
                 index += 1
                 if len(progress.carry) + end - taken < shard_tokens:
