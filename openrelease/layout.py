@@ -263,6 +263,10 @@ def bundle_state_rel(stage: str, step: int) -> str:
     return f"states/{stage}/{step_name(step)}"
 
 
+BUNDLE_BASE_MODEL = "base_model"
+"""In a bundle: the base model's files, when ``release.include_base_model`` copies them."""
+
+
 def bundle_log_rel(stage: str, name: str) -> str:
     """``logs/<stage>/<name>`` in a bundle (``metrics.jsonl``, ``record.json``)."""
     return f"logs/{stage}/{name}"

@@ -652,6 +652,11 @@ class ReleaseParams(Params):
     """Licenses per content type."""
     include_data: bool = True
     """Copy the data into the bundle (true) or ship pointers with sha256 (false)."""
+    include_base_model: bool = False
+    """Copy the files of the base model the chain started from (a stage's ``from: hf:...`` or
+    folder) into the bundle's ``base_model/``. Only for a base model whose license MOF counts
+    as open (Apache-2.0, MIT, ...): anything else is refused. False: by reference only (repo,
+    commit and every file's sha256, in the records and the model card)."""
     paper: str | None = None
     """Path or URL of a research paper to include."""
     retention: RetentionParams = RetentionParams()

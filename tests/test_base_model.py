@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from huggingface_hub import HfApi
 from typer.testing import CliRunner
 
 from openrelease.cli import app
+from openrelease.digest import sha256_file
 from openrelease.errors import ArtifactError, ParamsError
-from openrelease.manifest import CheckpointMeta, StageRecord, read_model
+from openrelease.manifest import CheckpointMeta, PinnedSource, StageRecord, read_model
 from openrelease.params import load_params
 from openrelease.train import main_from_cli
 from openrelease.train.base_model import fetch_base_model, resolve_base_model
@@ -257,7 +259,60 @@ def test_pretrain_and_sft_start_from_a_pinned_hub_model(
     assert f"fine-tuned by openrelease from `{USER}/tiny-qwen2` at `{sha}`" in card
     assert f"| pretrain | `{USER}/tiny-qwen2` at `{sha}` |" in card
     assert meta.base_model.files[-1].sha256 in card
+    assert "Its weights are not part of this release" in card
     assert read_model(folder / "meta.json", CheckpointMeta).base_model == meta.base_model
+
+    _bundle_with_the_base_model(project, tmp_path, rec, meta.base_model)
+
+
+def _bundle_with_the_base_model(
+    project: Path, tmp_path: Path, rec: Any, pinned: PinnedSource
+) -> None:
+    """``release.include_base_model``: base_model/ holds the pinned files (checked), only under
+    an open license; the default bundle names the base by reference only."""
+    import dataclasses
+
+    from openrelease.eval.stage import run_eval_stage
+    from openrelease.release.bundle import _plan_base_model, build_bundle
+    from openrelease.release.files import FilePlan
+    from openrelease.verify.bundle import verify_bundle
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["release"]["include_base_model"] = True
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(project / "params.yaml")
+    run_eval_stage(params, project_dir=project)
+    out = tmp_path / "release"
+    build_bundle(project, out, params=params)
+    shipped = {p.relative_to(out / "base_model").as_posix() for p in out.rglob("base_model/*")}
+    assert shipped == {f.path for f in pinned.files}
+    for f in pinned.files:
+        assert sha256_file(out / "base_model" / f.path) == f.sha256
+    assert verify_bundle(out).ok
+    assert "in `base_model/`" in (out / "README.md").read_text()
+
+    # A tampered Hub-cache file is not shipped on its record's word, even with its old mtime.
+    cached = next(project.glob(".openrelease/hub/models/**/config.json"))
+    original, stat = cached.read_bytes(), cached.stat()
+    cached.write_bytes(original.replace(b"qwen2", b"QWEN2"))
+    os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ArtifactError, match=r"config\.json has"):
+        build_bundle(project, tmp_path / "tampered", params=params)
+    cached.write_bytes(original)
+
+    # No redistribution under a license MOF does not count as open.
+    closed = pinned.model_copy(update={"license": "llama3"})
+    stages = {
+        name: m.model_copy(
+            update={
+                "checkpoints": [c.model_copy(update={"base_model": closed}) for c in m.checkpoints]
+            }
+        )
+        for name, m in rec.stages.items()
+    }
+    closed_rec = dataclasses.replace(rec, params=params, stages=stages)
+    with pytest.raises(ParamsError, match="licensed llama3, not a license MOF counts as open"):
+        _plan_base_model(FilePlan(), project, closed_rec)
 
 
 @pytest.mark.slow

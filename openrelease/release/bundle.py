@@ -19,11 +19,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 import openrelease
-from openrelease.audit.mof import COMPONENTS, is_open_license, mof_release_yaml
+from openrelease.audit.mof import COMPONENTS, is_open_license, mof_release_yaml, normalize_license
 from openrelease.digest import sha256_bytes, sha256_tree
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
     ALLOWED_SECRETS,
+    BUNDLE_BASE_MODEL,
     BUNDLE_MANIFEST,
     BUNDLE_PARAMS,
     CERTIFICATE,
@@ -163,6 +164,55 @@ def _plan_checkpoints(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> 
         plan.files[f"model/{f.path}"] = plan.files[
             f"{bundle_checkpoint_rel(final_stage, final.step)}/{f.path}"
         ]
+
+
+def _plan_base_model(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> None:
+    """base_model/: the base model's files, when ``release.include_base_model`` asks for them.
+
+    Only under a license MOF counts as open (one that allows redistribution); each file is
+    hashed again and must have the sha256 recorded when training fetched it.
+
+    Raises:
+        ParamsError: Asked for, but there is no base model or its license is not open.
+    """
+    if not rec.params.release.include_base_model:
+        return
+    base = rec.base_model()
+    if base is None:
+        raise ParamsError(
+            "release.include_base_model is true but no stage started from a base model (a "
+            "stage's from: hf:ORG/NAME@REVISION or folder); set it to false."
+        )
+    license_id = normalize_license(base.license) if base.license else None
+    if license_id is None or not is_open_license(license_id):
+        raise ParamsError(
+            f"release.include_base_model: the base model {base.uri} is licensed "
+            f"{base.license or 'without a license tag'}, not a license MOF counts as open, so "
+            "openrelease does not redistribute it; set release.include_base_model: false "
+            "(the release names it by repo, commit and file digests)."
+        )
+    first = next(
+        (s for s, m in rec.stages.items() if m.checkpoints[0].parent_digest == base.digest),
+        rec.final_stage,
+    )
+    meta_path = Workspace(project_dir).checkpoint(first, rec.stages[first].checkpoints[0].step)
+    if base.kind == "hf":
+        assert base.commit is not None, "a Hub pin has its commit"
+        folder = Workspace(project_dir).hub_snapshot("model", base.repo, base.commit)
+        fix = f"remove {folder} and run `dvc repro -f {first}` to fetch it again"
+    else:
+        folder = project_dir / base.repo
+        fix = f"restore {base.repo} as it was trained from, or set include_base_model: false"
+    for f in base.files:
+        plan.add_file(
+            f"{BUNDLE_BASE_MODEL}/{f.path}",
+            folder / f.path,
+            entry=f,
+            recorded_in=meta_path / CHECKPOINT_META,
+            immutable=base.kind == "hf",  # the Hub cache renames a download into place
+            fix=fix,
+            rehash=True,
+        )
 
 
 def _add_state(plan: FilePlan, folder: Path, dest: str, portable: Path) -> None:
@@ -534,6 +584,7 @@ def _plan(project_dir: Path, rec: ReleaseRecord) -> FilePlan:
     if not_run := [s for s in rec.params.train_stages if s not in rec.stages]:
         plan.warn(f"bundling {rec.stage_chain()}; {', '.join(not_run)} have not run")
     _plan_checkpoints(plan, project_dir, rec)
+    _plan_base_model(plan, project_dir, rec)
     _plan_states(plan, project_dir, rec)
     rec = _plan_certificate(plan, project_dir, rec)
     _plan_data(plan, project_dir, rec)

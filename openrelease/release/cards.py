@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from openrelease.audit.mof import COMPONENTS
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
+    BUNDLE_BASE_MODEL,
     RECORD,
     STAGE_MANIFEST,
     Workspace,
@@ -354,7 +355,7 @@ def model_card(rec: ReleaseRecord) -> str:
         f"data ([{repo_id}-data](https://huggingface.co/datasets/{repo_id}-data)), data order, "
         "code, configs, logs and evaluations are in this release.",
         "",
-        *_base_model_section(base),
+        *_base_model_section(base, included=rec.params.release.include_base_model),
         "## Use",
         "",
         "```python",
@@ -416,17 +417,23 @@ def _base_phrase(base: PinnedSource) -> str:
     return f"`{base.repo}` at `{base.commit}`" if base.kind == "hf" else f"`{base.repo}`"
 
 
-def _base_model_section(base: PinnedSource | None) -> list[str]:
-    """The base model by reference: repo, commit and the sha256 of every file used."""
+def _base_model_section(base: PinnedSource | None, *, included: bool) -> list[str]:
+    """The base model by reference (repo, commit, the sha256 of every file used), and whether
+    its files are in the bundle (``release.include_base_model``)."""
     if base is None:
         return []
     rows = [f"| `{f.path}` | {f.size:,} | `{f.sha256}` |" for f in base.files]
+    where = (
+        f"Its files are part of this release, in `{BUNDLE_BASE_MODEL}/`"
+        if included
+        else "Its weights are not part of this release"
+    )
     return [
         "## Base model",
         "",
         f"Started from {_base_phrase(base)} (license: {base.license or 'not stated'}; "
-        f"relation: {BASE_MODEL_RELATION}). Its weights are not part of this release; these "
-        "are the files used, each checked against the Hub's sha256 before training:",
+        f"relation: {BASE_MODEL_RELATION}). {where}; these are the files used, each checked "
+        "against the Hub's sha256 before training:",
         "",
         "| file | bytes | sha256 |",
         "| --- | --- | --- |",

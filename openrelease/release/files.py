@@ -62,6 +62,9 @@ class PlannedFile:
     immutable: bool = False
     """Written once and renamed into place by its stage, so a hard link is safe."""
     fix: str = "re-run the stage that wrote it"
+    rehash: bool = False
+    """Hashed again whatever its mtime and compared with ``digest``: a file that came from a
+    stranger (a base model's, fetched from the Hub) is never shipped on its record's word."""
 
 
 @dataclass
@@ -94,6 +97,7 @@ class FilePlan:
         recorded_in: Path | None = None,
         immutable: bool = False,
         fix: str = "re-run the stage that wrote it",
+        rehash: bool = False,
     ) -> None:
         """Plan a workspace file; ``entry`` is its recorded size and sha256 when it has one.
 
@@ -104,7 +108,9 @@ class FilePlan:
             raise ArtifactError(f"{src} is missing; {fix}.", path=str(src))
         size = entry.size if entry is not None else src.stat().st_size
         digest = entry.sha256 if entry is not None else None
-        self.files[rel] = PlannedFile(size, None, src, digest, recorded_in, immutable, fix)
+        self.files[rel] = PlannedFile(
+            size, None, src, digest, recorded_in, immutable, fix, rehash=rehash
+        )
 
     def has(self, path: str) -> bool:
         """True when ``path`` is a planned file or a folder holding one."""
@@ -144,10 +150,11 @@ class _Placed:
 
 
 def _needs_hash(f: PlannedFile) -> bool:
-    """Large files without a recorded digest, and recorded files touched since their record."""
+    """Large files without a recorded digest, recorded files touched since their record, and
+    files to hash again (``rehash``)."""
     if f.src is None or (f.digest is None and f.size < LINK_MIN_BYTES):
         return False  # generated or small: hashed from the bytes as they are written
-    if f.digest is None:
+    if f.digest is None or f.rehash:
         return True
     assert f.recorded_in is not None, "a recorded digest comes with its record"
     return f.src.stat().st_mtime_ns > f.recorded_in.stat().st_mtime_ns
