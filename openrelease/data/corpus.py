@@ -1,34 +1,46 @@
 """The data stage's corpus: synthetic and imported records per role, held out, de-overlapped.
 
-Small roles (sft, dpo, distill, grpo, eval_problems, eval_dpo: thousands of records) are kept in
-memory. The large ones stream: the synthetic stories come one at a time (`synthetic.iter_stories`),
-the held-out share going straight to ``eval_text.jsonl``; the pretraining documents (the other
-stories, then every import of role pretrain, read lazily by `importers.open_source`) go one by
-one, with their ids, to `DOCS_INPUT`, which tokenizer training and packing read back. So memory
-holds the small roles, one import batch and one set that grows with the corpus: the 32-byte
-sha256 digests of the held-out texts (eval_fraction of the stories; about 100 bytes each in a
-set, 0.25 MB for 50,000 stories). No digest is kept per pretraining document: documents are only
-checked against the held-out items, never against each other (nor were they before streaming).
+Every role streams through files, so memory does not grow with the corpus or the imports. The
+synthetic stories come one at a time (`synthetic.iter_stories`), the held-out share going
+straight to ``eval_text.jsonl``; the pretraining documents (the other stories, then every
+import of role pretrain, read lazily by `importers.open_source`) go one by one, with their ids,
+to `DOCS_INPUT`, which tokenizer training and packing read back. The small roles (sft, dpo,
+distill, grpo, eval_problems, eval_dpo) are spooled record by record to hidden files of the
+stage's temp folder (`Spools`: the synthetic records, then each import's, read lazily too, in
+params order), then streamed from there, with their ids, into their final files
+(``sft.jsonl`` ...), which tokenizer training reads back; the spools are then deleted (on a
+failure, with the temp folder). So memory holds one import batch, the synthetic problems (a
+list of data.synthetic.num_problems) and one set that grows with the corpus: the 32-byte sha256
+digests of the held-out texts (eval_fraction of the stories, the eval problems and pairs; about
+100 bytes each in a set, 0.25 MB for 50,000 stories). No digest is kept per training record:
+records are only checked against the held-out items, never against each other (nor were they
+before streaming).
 
 The records, their order and the overlap rule are those of the in-memory stage this replaced,
-so the output is byte-identical. To check every document against every held-out item before it
-is written, the corpus is gathered in two passes: first the held-out stories, the synthetic
-problems and the imports of every role but pretrain (in their order); then the pretraining
-documents. Decision: a broken import of another role is therefore reported before a broken
-pretrain import even when listed after it (each source is still read exactly once).
+so the output is byte-identical. To check every record against every held-out item before it
+is written, the corpus is gathered in passes: first the held-out stories, the synthetic
+problems and the imports of every role but pretrain, in their order, to the spools; then the
+held-out sets (``eval_problems.jsonl``; ``eval_dpo.jsonl``: the synthetic pairs, then each dpo
+import's first `eval_take` pairs, a count known only once it is read whole, so split off its
+stretch of the dpo spool as it is read back); then the pretraining documents; then the training
+roles from their spools. Decision: a broken import of another role is therefore reported before
+a broken pretrain import even when listed after it (each source is still read exactly once);
+the imports of the small roles are read, and their errors reported, in params order as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from openrelease.data import synthetic
-from openrelease.data.importers import open_source, read_source
-from openrelease.data.records import RecordWriter
+from openrelease.data.importers import open_source
+from openrelease.data.records import RecordWriter, iter_records
 from openrelease.data.tasks import format_answer
 from openrelease.digest import sha256_json
 from openrelease.manifest import DatasetEntry, PinnedSource, SourceEntry
@@ -48,16 +60,13 @@ ID_PREFIXES = {
 """Record id prefixes that are not the role's name."""
 CHECKED_ROLES = (("sft", "prompt"), ("dpo", "prompt"), ("distill", "prompt"), ("grpo", "prompt"))
 """Small training roles and the field checked against the held-out items."""
+SMALL_ROLES = ("sft", "dpo", "distill", "grpo", "eval_problems", "eval_dpo")
+"""The roles spooled (`Spools`) before their final files are written."""
 
 
 def record_id(role: str, index: int) -> str:
     """The id of record ``index`` of ``role`` (``doc-0000042``, ``sft-0000007``)."""
     return f"{ID_PREFIXES.get(role, role)}-{index:07d}"
-
-
-def with_ids(role: str, records: list[dict[str, str]]) -> list[dict[str, str]]:
-    """``records`` with their ids."""
-    return [{"id": record_id(role, i), **r} for i, r in enumerate(records)]
 
 
 def text_key(text: str) -> bytes:
@@ -72,52 +81,85 @@ def eval_take(count: int, fraction: float) -> int:
 
 @dataclass
 class Corpus:
-    """Small roles' records; the held-out stories and the pretraining documents as files."""
+    """The gathered corpus as files in ``out_dir``: every role's but the packed documents'."""
 
-    eval_text: DatasetEntry
-    """``eval_text.jsonl``, already written (with ids)."""
-    docs_path: Path
-    """`DOCS_INPUT`: the pretraining documents with ids, one record each."""
+    out_dir: Path
+    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+    """``eval_text`` and the small roles: their files in ``out_dir``, written (with ids)."""
     num_docs: int = 0
-    roles: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     sources: list[SourceEntry] = field(default_factory=list)
 
-    def add(self, role: str, records: list[dict[str, str]]) -> None:
-        """Append ``records`` to a small role."""
-        self.roles.setdefault(role, []).extend(records)
+    @property
+    def docs_path(self) -> Path:
+        """`DOCS_INPUT`: the pretraining documents with ids, one record each."""
+        return self.out_dir / DOCS_INPUT
 
-    def held_out_keys(self) -> set[bytes]:
-        """Keys of the held-out items other than the stories: eval problems and pairs."""
-        keys = {text_key(r["prompt"]) for r in self.roles.get("eval_problems", [])}
-        return keys | {text_key(r["prompt"]) for r in self.roles.get("eval_dpo", [])}
+    def records(self, role: str) -> Iterator[dict[str, str]]:
+        """The records of a role's file (``eval_text`` or a small role), read back lazily."""
+        return iter_records(self.out_dir / self.datasets[role].path)
+
+
+@dataclass
+class Spools:
+    """The small roles' records as gathered, before the held-out split and the overlap check.
+
+    One hidden file per role in the stage's temp folder (`path`): the synthetic records, then
+    each import's in params order, with their ``source`` and without ids.
+    """
+
+    out_dir: Path
+    dpo_stretches: list[tuple[int, int]] = field(default_factory=list)
+    """The dpo spool in order, stretch by stretch: (records, how many of the first are held)."""
+
+    def path(self, role: str) -> Path:
+        """The spool of ``role`` (``.sft.in.jsonl``)."""
+        return self.out_dir / f".{role}.in.jsonl"
+
+    def records(self, role: str) -> Iterator[dict[str, str]]:
+        """A role's spooled records; for dpo, the training ones (not held out)."""
+        if role == "dpo":
+            return (r for held, r in self._dpo_rows() if not held)
+        return iter_records(self.path(role))
+
+    def held_pairs(self) -> Iterator[dict[str, str]]:
+        """The held-out share of each dpo import, in order."""
+        return (r for held, r in self._dpo_rows() if held)
+
+    def _dpo_rows(self) -> Iterator[tuple[bool, dict[str, str]]]:
+        flags = (i < held for count, held in self.dpo_stretches for i in range(count))
+        return zip(flags, iter_records(self.path("dpo")), strict=True)
+
+    def remove(self) -> None:
+        """Delete the spools."""
+        for role in SMALL_ROLES:
+            self.path(role).unlink()
 
 
 def gather_corpus(params: DataParams, *, seed: int, project_dir: Path, out_dir: Path) -> Corpus:
-    """Generate and import the corpus; write ``eval_text.jsonl`` and `DOCS_INPUT` in ``out_dir``.
+    """Generate and import the corpus; write every role's file but the packed documents'.
 
-    Training items whose normalised text equals a held-out item are dropped (with a warning).
+    In ``out_dir``: ``eval_text.jsonl``, the small roles' files and `DOCS_INPUT`. Training items
+    whose normalised text equals a held-out item are dropped (with a warning).
     """
     stories = synthetic.iter_stories(seed, params.synthetic.num_stories)
     n_eval = eval_take(params.synthetic.num_stories, params.eval_fraction)
     held_out, eval_text = _write_eval_text(stories, n_eval, out_dir / EVAL_TEXT)
-    corpus = Corpus(eval_text=eval_text, docs_path=out_dir / DOCS_INPUT)
-    _add_problems(corpus, params, seed)
+    corpus = Corpus(out_dir=out_dir, datasets={"eval_text": eval_text})
     corpus.sources.append(_synthetic_source(params, seed))
-    imported: dict[int, SourceEntry] = {}
-    for i, spec in enumerate(params.imports):
-        if spec.role != "pretrain":
-            imported[i] = _add_import(corpus, spec, params.eval_fraction, project_dir)
-    held_out |= corpus.held_out_keys()
+    spools = Spools(out_dir)
+    imported = _spool_small_roles(spools, params, seed, project_dir)
+    held_out |= _write_held_out(corpus, spools)
     with RecordWriter(corpus.docs_path) as docs:
         rows = ({"text": t, "source": "synthetic"} for t in stories)
-        dropped = _write_docs(docs, rows, held_out)
+        dropped = _write_kept(docs, "pretrain_docs", "text", rows, held_out)
         for i, spec in enumerate(params.imports):
             if spec.role == "pretrain":
                 imported[i], n = _write_import_docs(docs, spec, project_dir, held_out)
                 dropped += n
     corpus.num_docs = docs.num_records
     _warn_dropped("pretrain_docs", dropped)
-    _drop_small_overlap(corpus, held_out)
+    _write_training(corpus, spools, held_out)
+    spools.remove()
     corpus.sources += [imported[i] for i in range(len(params.imports))]
     return corpus
 
@@ -134,14 +176,77 @@ def _write_eval_text(
     return keys, out.entry()
 
 
-def _write_docs(docs: RecordWriter, rows: Iterable[dict[str, str]], held_out: set[bytes]) -> int:
-    """Write the documents that are not held-out texts, numbering on; return how many were not."""
+def _spool_small_roles(
+    spools: Spools, params: DataParams, seed: int, project_dir: Path
+) -> dict[int, SourceEntry]:
+    """Spool the synthetic problems, then each small role's import; the imports' entries."""
+    imported: dict[int, SourceEntry] = {}
+    with contextlib.ExitStack() as stack:
+        out = {role: stack.enter_context(RecordWriter(spools.path(role))) for role in SMALL_ROLES}
+        _add_problems(out, params, seed)
+        spools.dpo_stretches.append((out["dpo"].num_records, 0))
+        for i, spec in enumerate(params.imports):
+            if spec.role != "pretrain":
+                imported[i] = _spool_import(out[spec.role], spools, spec, params, project_dir)
+    return imported
+
+
+def _spool_import(
+    out: RecordWriter, spools: Spools, spec: ImportParams, params: DataParams, project_dir: Path
+) -> SourceEntry:
+    """Stream one import of a small role into its spool; its source entry."""
+    stream = open_source(spec, project_dir=project_dir)
+    for record in stream:
+        out.write({**record, "source": spec.name})
+    if spec.role == "dpo":
+        # Imported pairs are the only preference data a real recipe has: hold out a share
+        # for the eval stage's preference accuracy.
+        count = stream.num_records
+        spools.dpo_stretches.append((count, eval_take(count, params.eval_fraction)))
+    return _source_entry(
+        spec, stream.path, stream.sha256, stream.num_records, stream.license, stream.pinned
+    )
+
+
+def _write_held_out(corpus: Corpus, spools: Spools) -> set[bytes]:
+    """Write the eval problems and pairs (imported pairs after the synthetic); their keys."""
+    keys: set[bytes] = set()
+    sets = {
+        "eval_problems": spools.records("eval_problems"),
+        "eval_dpo": chain(spools.records("eval_dpo"), spools.held_pairs()),
+    }
+    for role, rows in sets.items():
+        with RecordWriter(corpus.out_dir / f"{role}.jsonl") as out:
+            for row in rows:
+                out.write({"id": record_id(role, out.num_records), **row})
+                keys.add(text_key(row["prompt"]))
+        corpus.datasets[role] = out.entry()
+    return keys
+
+
+def _write_training(corpus: Corpus, spools: Spools, held_out: set[bytes]) -> None:
+    """Write the small training roles, dropping items whose checked field is a held-out text."""
+    for role, key_field in CHECKED_ROLES:
+        with RecordWriter(corpus.out_dir / f"{role}.jsonl") as out:
+            dropped = _write_kept(out, role, key_field, spools.records(role), held_out)
+        _warn_dropped(role, dropped)
+        corpus.datasets[role] = out.entry()
+
+
+def _write_kept(
+    out: RecordWriter,
+    role: str,
+    key_field: str,
+    rows: Iterable[dict[str, str]],
+    held_out: set[bytes],
+) -> int:
+    """Write the rows whose ``key_field`` is not a held-out text, numbering on; how many were."""
     dropped = 0
     for row in rows:
-        if text_key(row["text"]) in held_out:
+        if text_key(row[key_field]) in held_out:
             dropped += 1
             continue
-        docs.write({"id": record_id("pretrain_docs", docs.num_records), **row})
+        out.write({"id": record_id(role, out.num_records), **row})
     return dropped
 
 
@@ -150,14 +255,15 @@ def _write_import_docs(
 ) -> tuple[SourceEntry, int]:
     """Stream one pretrain import into ``docs``; its source entry and the documents dropped."""
     stream = open_source(spec, project_dir=project_dir)
-    dropped = _write_docs(docs, ({**r, "source": spec.name} for r in stream), held_out)
+    rows = ({**r, "source": spec.name} for r in stream)
+    dropped = _write_kept(docs, "pretrain_docs", "text", rows, held_out)
     entry = _source_entry(
         spec, stream.path, stream.sha256, stream.num_records, stream.license, stream.pinned
     )
     return entry, dropped
 
 
-def _add_problems(corpus: Corpus, params: DataParams, seed: int) -> None:
+def _add_problems(out: dict[str, RecordWriter], params: DataParams, seed: int) -> None:
     """The synthetic arithmetic problems: held-out problems and pairs, sft, dpo, distill, grpo."""
     syn = params.synthetic
     problems = synthetic.generate_problems(seed, syn.num_problems, max_operand=syn.max_operand)
@@ -171,37 +277,45 @@ def _add_problems(corpus: Corpus, params: DataParams, seed: int) -> None:
         }
         for p in problems
     ]
-    corpus.add("eval_problems", as_rows[:p_eval])
+    _write_all(out["eval_problems"], as_rows[:p_eval])
     rest = as_rows[p_eval:]
     n_sft, n_distill = int(len(rest) * 0.4), int(len(rest) * 0.3)
-    corpus.add(
-        "sft",
-        [
+    _write_all(
+        out["sft"],
+        (
             {"prompt": r["prompt"], "response": format_answer(r["answer"]), "source": "synthetic"}
             for r in rest[:n_sft]
-        ],
+        ),
     )
     # Preference pairs reuse the sft problems with worked answers: a correct one over a wrong one.
     sft_problems = problems[p_eval : p_eval + n_sft]
-    corpus.add("dpo", _pair_rows(synthetic.preference_pairs(seed, sft_problems, label="train")))
-    corpus.add(
-        "eval_dpo", _pair_rows(synthetic.preference_pairs(seed, problems[:p_eval], label="eval"))
+    _write_all(
+        out["dpo"], _pair_rows(synthetic.preference_pairs(seed, sft_problems, label="train"))
     )
-    corpus.add("distill", rest[n_sft : n_sft + n_distill])
-    corpus.add(
-        "grpo",
-        [
+    _write_all(
+        out["eval_dpo"],
+        _pair_rows(synthetic.preference_pairs(seed, problems[:p_eval], label="eval")),
+    )
+    _write_all(out["distill"], rest[n_sft : n_sft + n_distill])
+    _write_all(
+        out["grpo"],
+        (
             {"prompt": r["prompt"], "answer": r["answer"], "source": "synthetic"}
             for r in rest[n_sft + n_distill :]
-        ],
+        ),
     )
 
 
-def _pair_rows(pairs: list[synthetic.PreferencePair]) -> list[dict[str, str]]:
-    return [
+def _write_all(out: RecordWriter, rows: Iterable[dict[str, str]]) -> None:
+    for row in rows:
+        out.write(row)
+
+
+def _pair_rows(pairs: list[synthetic.PreferencePair]) -> Iterator[dict[str, str]]:
+    return (
         {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": "synthetic"}
         for p in pairs
-    ]
+    )
 
 
 def _synthetic_source(params: DataParams, seed: int) -> SourceEntry:
@@ -213,24 +327,6 @@ def _synthetic_source(params: DataParams, seed: int) -> SourceEntry:
         path=None,
         sha256=sha256_json(spec),
         num_records=syn.num_stories + syn.num_problems,
-    )
-
-
-def _add_import(
-    corpus: Corpus, spec: ImportParams, eval_fraction: float, project_dir: Path
-) -> SourceEntry:
-    """Read one import of a small role into ``corpus``; its source entry."""
-    source = read_source(spec, project_dir=project_dir)
-    records = [{**r, "source": spec.name} for r in source.records]
-    if spec.role == "dpo":
-        # Imported pairs are the only preference data a real recipe has: hold out a share
-        # for the eval stage's preference accuracy.
-        n_eval = eval_take(len(records), eval_fraction)
-        corpus.add("eval_dpo", records[:n_eval])
-        records = records[n_eval:]
-    corpus.add(spec.role, records)
-    return _source_entry(
-        spec, source.path, source.sha256, len(source.records), source.license, source.pinned
     )
 
 
@@ -251,15 +347,6 @@ def _source_entry(
         license=license,
         pinned=pinned,
     )
-
-
-def _drop_small_overlap(corpus: Corpus, held_out: set[bytes]) -> None:
-    """Drop small-role training items whose checked field is a held-out text."""
-    for role, key_field in CHECKED_ROLES:
-        records = corpus.roles.get(role, [])
-        kept = [r for r in records if text_key(r[key_field]) not in held_out]
-        _warn_dropped(role, len(records) - len(kept))
-        corpus.roles[role] = kept
 
 
 def _warn_dropped(role: str, dropped: int) -> None:

@@ -1,10 +1,11 @@
 """`openrelease data`: build the corpus, split it, train the tokenizer, pack and write manifests.
 
 The whole output folder is built beside the target and swapped in at the end, so a crash never
-leaves a half-written data folder. The pretraining documents stream through it as files
-(`corpus` gathers them, the tokenizer trains on and `pack` reads them back), so the stage's
-memory does not grow with their number; what still does, slowly: the held-out digests (see
-`corpus`), the BPE trainer's table of distinct words, and one manifest entry per shard.
+leaves a half-written data folder. Every role streams through it as files (`corpus` gathers
+the pretraining documents and writes the other roles' files, the tokenizer trains on them read
+back and `pack` reads the documents back), so the stage's memory does not grow with the number
+of records; what still does, slowly: the held-out digests (see `corpus`), the BPE trainer's
+table of distinct words, and one manifest entry per shard.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from openrelease.data.corpus import Corpus, gather_corpus, with_ids
+from openrelease.data.corpus import Corpus, gather_corpus
 from openrelease.data.order import ORDER_ALGORITHM
 from openrelease.data.pack import DOCS_FILE, SHARD_DIR, pack_documents
-from openrelease.data.records import iter_records, write_records
+from openrelease.data.records import iter_records
 from openrelease.data.tasks import format_reasoning
 from openrelease.data.tokenizer import (
     BOS,
@@ -49,35 +50,28 @@ Progress = Callable[[str], None]
 
 
 def _training_texts(corpus: Corpus) -> Iterator[str]:
-    """The texts the tokenizer trains on: the documents (read back), then the small roles'."""
+    """The texts the tokenizer trains on: the documents, then the small roles' (read back)."""
     yield from (r["text"] for r in iter_records(corpus.docs_path))
-    for r in corpus.roles.get("sft", []):
+    for r in corpus.records("sft"):
         yield from (r["prompt"], r["response"])
-    for r in corpus.roles.get("dpo", []):
+    for r in corpus.records("dpo"):
         yield from (r["prompt"], r["chosen"], r["rejected"])
-    for r in corpus.roles.get("distill", []):
+    for r in corpus.records("distill"):
         yield from (r["prompt"], format_reasoning(r["reasoning"], r["answer"]))
-    yield from (r["prompt"] for r in corpus.roles.get("grpo", []))
+    yield from (r["prompt"] for r in corpus.records("grpo"))
 
 
-def _write_datasets(corpus: Corpus, out_dir: Path) -> dict[str, DatasetEntry]:
-    """Write the small roles' JSONL; the entries of every dataset (the streamed ones written)."""
+def _datasets(corpus: Corpus, out_dir: Path) -> dict[str, DatasetEntry]:
+    """The entries of every dataset: the packed documents' and those the corpus wrote."""
     docs_path = out_dir / DOCS_FILE
-    datasets = {
-        "pretrain_docs": DatasetEntry(
-            path=DOCS_FILE,
-            sha256=sha256_file(docs_path),
-            size=docs_path.stat().st_size,
-            num_records=corpus.num_docs,
-        )
-    }
-    for role in ("sft", "dpo", "distill", "grpo", "eval_text", "eval_problems", "eval_dpo"):
-        if role == "eval_text":  # streamed: written while the corpus was gathered
-            datasets[role] = corpus.eval_text
-        else:
-            records = with_ids(role, corpus.roles.get(role, []))
-            datasets[role] = write_records(out_dir / f"{role}.jsonl", records)
-    return datasets
+    docs = DatasetEntry(
+        path=DOCS_FILE,
+        sha256=sha256_file(docs_path),
+        size=docs_path.stat().st_size,
+        num_records=corpus.num_docs,
+    )
+    roles = ("sft", "dpo", "distill", "grpo", "eval_text", "eval_problems", "eval_dpo")
+    return {"pretrain_docs": docs, **{role: corpus.datasets[role] for role in roles}}
 
 
 def _swap_in(tmp_dir: Path, out_dir: Path) -> None:
@@ -186,7 +180,7 @@ def _write_outputs(
     os.replace(packed.docs_path, out_dir / DOCS_FILE)
     shutil.rmtree(work_dir, ignore_errors=True)
     shards = packed.shards
-    datasets = _write_datasets(corpus, out_dir)
+    datasets = _datasets(corpus, out_dir)
     tok_files = hash_folder(out_dir / "tokenizer")
     body = {
         "seed": seed,
