@@ -275,6 +275,7 @@ def _bundle_with_the_base_model(
     from openrelease.eval.stage import run_eval_stage
     from openrelease.release.bundle import _plan_base_model, build_bundle
     from openrelease.release.files import FilePlan
+    from openrelease.reproduce.run import reproduce
     from openrelease.verify.bundle import verify_bundle
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
@@ -290,6 +291,8 @@ def _bundle_with_the_base_model(
         assert sha256_file(out / "base_model" / f.path) == f.sha256
     assert verify_bundle(out).ok
     assert "in `base_model/`" in (out / "README.md").read_text()
+    # The bundle replays from step 0: the base is fetched again by its pin, checked, trained on.
+    assert reproduce(out, stage="pretrain", from_step=0, to_step=2).identical
 
     # A tampered Hub-cache file is not shipped on its record's word, even with its old mtime.
     cached = next(project.glob(".openrelease/hub/models/**/config.json"))
