@@ -238,6 +238,14 @@ class Workspace:
         """``.openrelease/hub/<type>s/<ORG>/<NAME>/<commit>``: one Hub commit's fetched files."""
         return self.root / HUB_CACHE / f"{repo_type}s" / repo / commit
 
+    def hub_pin(self, repo_type: str, repo: str, commit: str) -> Path:
+        """``<commit>.pin.json`` beside a snapshot: its `PinnedSource`, once checked.
+
+        Written when every file was checked against the Hub; a later run uses the snapshot
+        without the Hub.
+        """
+        return self.root / HUB_CACHE / f"{repo_type}s" / repo / f"{commit}.pin.json"
+
 
 # --------------------------------------------------------------------------- bundle
 
@@ -261,10 +269,6 @@ STEP_DIR = re.compile(r"step-(?P<step>\d+)")
 def bundle_state_rel(stage: str, step: int) -> str:
     """``states/<stage>/step-N`` in a bundle."""
     return f"states/{stage}/{step_name(step)}"
-
-
-BUNDLE_BASE_MODEL = "base_model"
-"""In a bundle: the base model's files, when ``release.include_base_model`` copies them."""
 
 
 def bundle_log_rel(stage: str, name: str) -> str:
@@ -340,6 +344,8 @@ class BundleSection:
     SBOM = "sbom"
     LICENSES = "licenses"
     SIGNATURES = "signatures"
+    BASE_MODEL = "base_model"
+    """The base model's files, when ``release.include_base_model`` copies them."""
 
 
 BUNDLE_PARAMS = f"{BundleSection.CONFIGS}/{PARAMS}"
@@ -365,6 +371,11 @@ class Bundle:
     def data_dir(self) -> Path:
         """``data/``."""
         return self.root / BundleSection.DATA
+
+    @property
+    def base_model(self) -> Path:
+        """``base_model/``: the files of the base model the chain started from, if shipped."""
+        return self.root / BundleSection.BASE_MODEL
 
     def checkpoints(self, stage: str) -> Path:
         """``checkpoints/<stage>``."""

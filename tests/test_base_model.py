@@ -20,7 +20,11 @@ from openrelease.errors import ArtifactError, ParamsError
 from openrelease.manifest import CheckpointMeta, PinnedSource, StageRecord, read_model
 from openrelease.params import load_params
 from openrelease.train import main_from_cli
-from openrelease.train.base_model import fetch_base_model, resolve_base_model
+from openrelease.train.base_model import (
+    cached_base_model,
+    fetch_base_model,
+    resolve_base_model,
+)
 from openrelease.train.checkpoint import final_checkpoint
 from openrelease.train.model import decoder_layers, load_pretrained
 
@@ -260,6 +264,16 @@ def test_pretrain_and_sft_start_from_a_pinned_hub_model(
     assert f"| pretrain | `{USER}/tiny-qwen2` at `{sha}` |" in card
     assert meta.base_model.files[-1].sha256 in card
     assert "Its weights are not part of this release" in card
+
+    # A checked snapshot is used again without the Hub; a changed file sends it back there.
+    cached = cached_base_model(spec, cache_dir=project)
+    assert cached is not None and cached[1] == meta.base_model
+    assert cached_base_model(f"hf:{USER}/tiny-qwen2@main", cache_dir=project) is None
+    config = cached[0] / "config.json"
+    original = config.read_bytes()
+    config.write_bytes(original + b" ")
+    assert cached_base_model(spec, cache_dir=project) is None
+    config.write_bytes(original)
     assert read_model(folder / "meta.json", CheckpointMeta).base_model == meta.base_model
 
     _bundle_with_the_base_model(project, tmp_path, rec, meta.base_model)
@@ -291,8 +305,11 @@ def _bundle_with_the_base_model(
         assert sha256_file(out / "base_model" / f.path) == f.sha256
     assert verify_bundle(out).ok
     assert "in `base_model/`" in (out / "README.md").read_text()
-    # The bundle replays from step 0: the base is fetched again by its pin, checked, trained on.
-    assert reproduce(out, stage="pretrain", from_step=0, to_step=2).identical
+    # The bundle replays from step 0 with no Hub: the replay takes the bundle's base_model/
+    # files (each hashed again against the recorded pin) through its Hub cache.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+        assert reproduce(out, stage="pretrain", from_step=0, to_step=2).identical
 
     # A tampered Hub-cache file is not shipped on its record's word, even with its old mtime.
     cached = next(project.glob(".openrelease/hub/models/**/config.json"))

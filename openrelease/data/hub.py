@@ -80,6 +80,11 @@ def parse_hub_spec(spec: str, *, what: str) -> HubSpec:
     return HubSpec(repo=repo, revision=revision)
 
 
+def is_repo_id(repo: str) -> bool:
+    """True for a well-formed ``ORG/NAME`` (safe as two path segments)."""
+    return _REPO_ID.fullmatch(repo) is not None and ".." not in repo
+
+
 def is_commit(revision: str) -> bool:
     """True when ``revision`` is a full 40-hex commit sha (immutable)."""
     return _COMMIT.fullmatch(revision) is not None

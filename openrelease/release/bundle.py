@@ -23,8 +23,8 @@ from openrelease.audit.mof import COMPONENTS, is_open_license, mof_release_yaml,
 from openrelease.digest import sha256_bytes, sha256_tree
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
+    BundleSection,
     ALLOWED_SECRETS,
-    BUNDLE_BASE_MODEL,
     BUNDLE_MANIFEST,
     BUNDLE_PARAMS,
     CERTIFICATE,
@@ -205,7 +205,7 @@ def _plan_base_model(plan: FilePlan, project_dir: Path, rec: ReleaseRecord) -> N
         fix = f"restore {base.repo} as it was trained from, or set include_base_model: false"
     for f in base.files:
         plan.add_file(
-            f"{BUNDLE_BASE_MODEL}/{f.path}",
+            f"{BundleSection.BASE_MODEL}/{f.path}",
             folder / f.path,
             entry=f,
             recorded_in=meta_path / CHECKPOINT_META,

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from openrelease.audit.mof import COMPONENTS
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import (
-    BUNDLE_BASE_MODEL,
+    BundleSection,
     RECORD,
     STAGE_MANIFEST,
     Workspace,
@@ -424,7 +424,7 @@ def _base_model_section(base: PinnedSource | None, *, included: bool) -> list[st
         return []
     rows = [f"| `{f.path}` | {f.size:,} | `{f.sha256}` |" for f in base.files]
     where = (
-        f"Its files are part of this release, in `{BUNDLE_BASE_MODEL}/`"
+        f"Its files are part of this release, in `{BundleSection.BASE_MODEL}/`"
         if included
         else "Its weights are not part of this release"
     )

@@ -33,6 +33,7 @@ from openrelease.layout import (
 )
 from openrelease.manifest import (
     CheckpointMeta,
+    PinnedSource,
     StageManifest,
     dump_json,
     read_json,
@@ -45,6 +46,7 @@ from openrelease.record.fingerprint import fingerprint
 from openrelease.train import TrainReport, run_stage
 from openrelease.train.distill import TEACHER_FILE, TRACES_FILE
 from openrelease.train.launch import launch_env, launcher_argv
+from openrelease.verify.untrusted import unsafe_path_reason
 
 
 class ReplayError(OpenReleaseError):
@@ -95,6 +97,7 @@ def scratch_for(
     init: tuple[StageName, Path, CheckpointMeta] | None,
     state: tuple[int, Path] | None,
     teacher_root: Path | None,
+    base: tuple[PinnedSource, Path] | None = None,
 ) -> tuple[Scratch, PipelineParams]:
     """The scratch workspace of a replay, and the params it runs with (data at SCRATCH_DATA).
 
@@ -106,6 +109,10 @@ def scratch_for(
         state: The step and folder of the training state to resume (None: from step 0).
         teacher_root: The workspace whose artifacts/distill holds the traces of a trace-file
             or model teacher (None: a bundle, which carries only data-teacher traces).
+        base: The Hub base model the stage starts from and a folder holding its files (a
+            bundle's base_model/, a workspace's Hub cache): linked, file by file, into the
+            scratch workspace's Hub cache with its pin, so the replay takes them from there
+            (each hashed again against the pin) instead of the Hub.
 
     Raises:
         ArtifactError: A distill replay needs traces that ``teacher_root`` cannot give.
@@ -125,6 +132,8 @@ def scratch_for(
         )
     if state is not None:
         scratch.copies[state_rel(stage, state[0])] = state[1]
+    if base is not None:
+        _link_base_model(scratch, *base)
     section = params.stage(stage)
     teacher = section.teacher if isinstance(section, DistillParams) else None
     if teacher is not None and teacher.kind != "data":
@@ -141,6 +150,24 @@ def scratch_for(
     dumped = params.model_dump(mode="json")
     scratch.texts[PARAMS] = yaml.safe_dump(dumped, sort_keys=False)
     return scratch, params
+
+
+def _link_base_model(scratch: Scratch, pinned: PinnedSource, folder: Path) -> None:
+    """Link the base model's files into the scratch Hub cache and write its pin beside them.
+
+    Raises:
+        ArtifactError: The pin names a file outside its snapshot (a stranger's record).
+    """
+    assert pinned.commit is not None, "only Hub pins are linked"
+    cache = Workspace(Path())
+    snapshot = cache.hub_snapshot("model", pinned.repo, pinned.commit).as_posix()
+    for f in pinned.files:
+        if (why := unsafe_path_reason(f.path)) is not None:
+            raise ArtifactError(f"the base model's record names {f.path!a}, which {why}.")
+        if (folder / f.path).is_file():  # a missing one: the replay fetches it from the Hub
+            scratch.links[f"{snapshot}/{f.path}"] = folder / f.path
+    pin = cache.hub_pin("model", pinned.repo, pinned.commit).as_posix()
+    scratch.texts[pin] = dump_json(pinned.model_dump(mode="json"))
 
 
 def device_name(env: Mapping[str, str], compute: ComputeParams) -> str:

@@ -21,11 +21,13 @@ import torch
 from pydantic import ValidationError
 
 import openrelease
+from openrelease.data import hub
 from openrelease.errors import ArtifactError, ParamsError
 from openrelease.layout import DATA_POINTERS, STAGE_MANIFEST, STATE_FILE, Bundle, Workspace
 from openrelease.manifest import (
     CheckpointMeta,
     DataManifest,
+    PinnedSource,
     ReproCertificate,
     StageRecord,
     StageReplay,
@@ -208,6 +210,25 @@ def _find_init(
     )
 
 
+def _base_files(target: Target, first: CheckpointMeta) -> tuple[PinnedSource, Path] | None:
+    """The Hub base model the stage started from, and where its files are here.
+
+    A bundle's base_model/ (``release.include_base_model``) or the workspace's Hub cache; None
+    when the stage did not start from a Hub base model or its files are not here (the replay
+    then fetches them from the Hub by the recorded pin).
+    """
+    base = first.base_model
+    if base is None or base.kind != "hf" or first.parent_digest != base.digest:
+        return None
+    if base.commit is None or not (hub.is_repo_id(base.repo) and hub.is_commit(base.commit)):
+        return None  # a malformed record: never a path; the replay resolves it (and refuses)
+    if isinstance(target, Bundle):
+        folder = target.base_model
+    else:
+        folder = target.hub_snapshot("model", base.repo, base.commit)
+    return (base, folder) if folder.is_dir() else None
+
+
 def _check_regular_files(bundle_dir: Path) -> None:
     """A bundle holds regular files only: a symlink, FIFO or device in it is refused up front."""
     for dirpath, dirnames, filenames in os.walk(bundle_dir):
@@ -310,6 +331,8 @@ class _Replay:
     params: PipelineParams
     init: tuple[StageName, Path, CheckpointMeta] | None
     state: tuple[int, Path] | None
+    base: tuple[PinnedSource, Path] | None
+    """The Hub base model the stage starts from and its files here (see `_base_files`)."""
     world_size: int
     num_threads: int
     env: dict[str, str]
@@ -364,6 +387,7 @@ def _plan(
         steps=(first, last),
         params=params,
         init=_find_init(target, stage, metas[0].parent_digest, params),
+        base=_base_files(target, metas[0]),
         state=(first, states[first]) if first else None,
         world_size=world_size,
         num_threads=int(info.get("num_threads") or env.get("num_threads") or compute.num_threads),
@@ -383,6 +407,7 @@ def _run(plan: _Replay, root: Path, say: ProgressFn) -> tuple[Replayed, Checkpoi
         init=plan.init,
         state=plan.state,
         teacher_root=target.root if isinstance(target, Workspace) else None,
+        base=plan.base,
     )
     say(f"preparing a scratch workspace in {root}")
     build_scratch(root, scratch)

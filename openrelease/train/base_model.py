@@ -8,19 +8,28 @@ Two steps, usable from any caller (a stage's ``from: hf:ORG/NAME@REVISION`` or f
 `resolve_base_model` pins the revision to a commit and lists the model files with the Hub's
 digests; `fetch_base_model` downloads them into the workspace's Hub cache and checks every
 file's sha256 (LFS) or git blob sha1 before anything loads it, returning the folder and its
-`PinnedSource` record (repo, commit, every file's sha256). Only safetensors weights are read:
-pickled ``.bin`` weights from strangers are never loaded.
+`PinnedSource` record (repo, commit, every file's sha256), which it also writes beside the
+snapshot. Only safetensors weights are read: pickled ``.bin`` weights from strangers are never
+loaded.
+
+A commit never changes on the Hub, so `cached_base_model` uses a snapshot fetched before
+without asking the Hub again (offline, as a replay must be able to run) when the spec pins that
+commit and every file still has its recorded sha256; anything else goes back to the Hub.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from openrelease.data import hub
+from openrelease.digest import sha256_file
 from openrelease.errors import ArtifactError
 from openrelease.layout import Workspace
-from openrelease.manifest import PinnedSource
+from openrelease.manifest import PinnedSource, read_model, write_json
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILES = (
     "config.json",
@@ -131,7 +140,42 @@ def fetch_base_model(
     snap = ref.snapshot
     dest = Workspace(cache_dir).hub_snapshot("model", snap.repo, snap.commit)
     entries = hub.fetch(snap, snap.files, dest=dest, what=what)
-    return dest, hub.pin_hub(snap, entries, license=_folder_license(dest))
+    pinned = hub.pin_hub(snap, entries, license=_folder_license(dest))
+    write_json(Workspace(cache_dir).hub_pin("model", snap.repo, snap.commit), pinned)
+    return dest, pinned
+
+
+def cached_base_model(
+    spec: str, *, cache_dir: Path, what: str = "from"
+) -> tuple[Path, PinnedSource] | None:
+    """The snapshot of ``spec`` in the Hub cache of ``cache_dir``, used without the Hub.
+
+    Only for ``hf:ORG/NAME@<40-hex commit>`` fetched (and checked) before: its pin beside the
+    snapshot names that repo and commit and every file still has the sha256 it records
+    (hashed again here). None otherwise: the caller resolves and fetches from the Hub.
+
+    Raises:
+        ParamsError: ``spec`` is a malformed Hub spec.
+    """
+    if not hub.is_hub_spec(spec):
+        return None
+    parsed = hub.parse_hub_spec(spec, what=what)
+    if not hub.is_commit(parsed.revision):
+        return None  # a branch or tag: only the Hub knows where it points now
+    workspace = Workspace(cache_dir)
+    pin_path = workspace.hub_pin("model", parsed.repo, parsed.revision)
+    if not pin_path.is_file():
+        return None
+    pinned = read_model(pin_path, PinnedSource)
+    if (pinned.kind, pinned.repo, pinned.commit) != ("hf", parsed.repo, parsed.revision):
+        return None
+    folder = workspace.hub_snapshot("model", parsed.repo, parsed.revision)
+    for f in pinned.files:
+        path = folder / f.path
+        if not path.is_file() or sha256_file(path) != f.sha256:
+            logger.info("%s: %s changed in the Hub cache; fetching it again", what, f.path)
+            return None
+    return folder, pinned
 
 
 def _folder_license(folder: Path) -> str | None:

@@ -36,7 +36,11 @@ from openrelease.params import (
 )
 from openrelease.record.tracking import StageTracker
 from openrelease.train import distributed
-from openrelease.train.base_model import fetch_base_model, resolve_base_model
+from openrelease.train.base_model import (
+    cached_base_model,
+    fetch_base_model,
+    resolve_base_model,
+)
 from openrelease.train.checkpoint import final_checkpoint
 from openrelease.train.distill import (
     TEACHER_FILE,
@@ -105,12 +109,15 @@ def _from_base_model(
     allow_floating = params.stage(stage).allow_floating_revision
 
     def fetch() -> tuple[Path, PinnedSource]:
+        if (cached := cached_base_model(source, cache_dir=project_dir, what=what)) is not None:
+            return cached
         ref = resolve_base_model(
             source, allow_floating_revision=allow_floating, project_dir=project_dir, what=what
         )
         return fetch_base_model(ref, cache_dir=project_dir, what=what)
 
-    # Rank 0 resolves and downloads (every file checked); the others use what it fetched.
+    # Rank 0 resolves and downloads (every file checked), or takes the checked cache; the
+    # others use what it found.
     folder, pinned = distributed.main_result(ctx, fetch)
     logger.info("%s starts from %s (%s)", stage, pinned.uri, pinned.digest[:19])
     return StartPoint(folder, pinned.digest, (_base_input(pinned),), pinned)
