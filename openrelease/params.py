@@ -467,6 +467,10 @@ class GRPOParams(TrainStageParams):
     """Verifier weights; the reward is their weighted sum."""
     ppo_epochs: int = Field(default=1, ge=1)
     """Policy updates per batch of rollouts."""
+    scale_rewards: Literal["group", "none"] = "group"
+    """Advantages: (reward - group mean) / group std ("group", GRPO as published; TRL's
+    default), or reward - group mean unscaled ("none", Dr. GRPO: a group that is nearly all
+    right or all wrong no longer gets full-size advantages)."""
 
 
 # --------------------------------------------------------------------------- stage graph

@@ -36,6 +36,10 @@ def test_group_advantages_are_normalised_per_group() -> None:
     adv = group_advantages(rewards, group_size=4)
     assert adv[:4].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-3)
     assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]  # identical rewards: no signal
+    # scale_rewards: none (Dr. GRPO): centred, not scaled, so 3 right of 4 is not 1 right of 2
+    mostly = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert group_advantages(mostly, 4, scale=False).tolist() == [0.25, 0.25, 0.25, -0.75]
+    assert group_advantages(mostly, 4)[3].item() == pytest.approx(-(3**0.5), abs=1e-3)
 
 
 def test_k3_kl_is_zero_at_equality_and_positive_elsewhere() -> None:
@@ -126,3 +130,50 @@ def test_response_logprobs_match_a_plain_forward() -> None:
     expected = full[0, 2:-1].gather(1, r.sequences[0, 3:].unsqueeze(1)).squeeze(1)
     assert logp.shape == (2, 6)
     assert torch.allclose(logp[0], expected, atol=1e-5)
+    # At a sampling temperature, of the tempered distribution the tokens were drawn from.
+    with torch.no_grad():
+        hot = response_logprobs(model, r, temperature=0.5)
+        tempered = torch.log_softmax(model(input_ids=r.sequences[:1]).logits.float() / 0.5, -1)
+    expected = tempered[0, 2:-1].gather(1, r.sequences[0, 3:].unsqueeze(1)).squeeze(1)
+    assert torch.allclose(hot[0], expected, atol=1e-5)
+    assert not torch.allclose(hot[0], logp[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_the_update_raises_the_reward_it_is_given(scale: bool) -> None:
+    """Rollouts, group advantages, the clipped objective and the log-probs together push the
+    policy towards what the reward pays for (here: response tokens from the lower half of the
+    vocabulary), and a negated reward pushes it away: the pieces have the right signs and line
+    up row by row."""
+
+    def mean_reward(sign: float) -> tuple[float, float]:
+        model = _tiny_model().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        params = _params(group_size=8, max_new_tokens=4)
+        rewards = []
+        for step in range(20):
+            r = sample_rollouts(
+                model,
+                [[5, 6, 7], [8, 10]],
+                params=params,
+                seed=step,
+                pad_id=0,
+                eos_id=1,
+                device=torch.device("cpu"),
+            )
+            hits = (r.sequences[:, r.prompt_len :] < 32).float() * r.response_mask
+            reward = hits.sum(dim=1) / params.max_new_tokens
+            rewards.append(reward.mean().item())
+            logp = response_logprobs(model, r)
+            adv = group_advantages(sign * reward, params.group_size, scale=scale)
+            mask = r.response_mask.float()
+            loss = (clipped_objective(logp, logp.detach(), adv, 0.2) * mask).sum() / mask.sum()
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        return sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+
+    first, last = mean_reward(1.0)
+    assert last > first + 0.25  # from about 0.4 (32 of 64 tokens, and eos)
+    first, last = mean_reward(-1.0)
+    assert last < first - 0.2

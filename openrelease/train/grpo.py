@@ -195,15 +195,22 @@ class GRPOObjective:
         )
         model.train()
         scores = self._score(rollouts, batch.answers)
-        advantages = group_advantages(scores[:, 0].float(), p.group_size).to(ctx.device)
+        advantages = group_advantages(
+            scores[:, 0].float(), p.group_size, scale=p.scale_rewards == "group"
+        ).to(ctx.device)
         rows = p.micro_batch_size * p.group_size
         chunks = [rollouts.rows(i, i + rows) for i in range(0, rollouts.sequences.size(0), rows)]
         local = [float(rollouts.response_mask.sum()), float(rollouts.attention_mask.sum())]
         response_tokens, tokens = all_reduce_sum(local, ctx)
+        t = p.temperature
         with torch.no_grad():
-            ref_logp = [response_logprobs(self.reference, c) for c in chunks]
+            ref_logp = [response_logprobs(self.reference, c, temperature=t) for c in chunks]
             # One epoch: the old policy is the current one, so old = logp.detach() below.
-            old_logp = [response_logprobs(model, c) for c in chunks] if p.ppo_epochs > 1 else None
+            old_logp = (
+                [response_logprobs(model, c, temperature=t) for c in chunks]
+                if p.ppo_epochs > 1
+                else None
+            )
         distributed.reshard(self.reference)  # no backward frees its root and last layer
         sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, kl, clipped
         grad_norm = 0.0
@@ -211,7 +218,7 @@ class GRPOObjective:
             for i, chunk in enumerate(chunks):
                 if isinstance(model, FSDPModule):
                     model.set_requires_gradient_sync(i == len(chunks) - 1)
-                logp = response_logprobs(model, chunk)
+                logp = response_logprobs(model, chunk, temperature=t)
                 old = logp.detach() if old_logp is None else old_logp[i]
                 adv = advantages[i * rows : (i + 1) * rows]
                 kl = k3_kl(logp, ref_logp[i])

@@ -48,12 +48,19 @@ def total_reward(text: str, answer: str, num_tokens: int, weights: dict[str, flo
     return sum(w * REWARDS[name](text, answer, num_tokens) for name, w in weights.items())
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean) / (std + eps) within each consecutive group of ``group_size`` rollouts."""
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-4, *, scale: bool = True
+) -> torch.Tensor:
+    """(r - mean) / (std + eps) within each consecutive group of ``group_size`` rollouts.
+
+    Not ``scale`` (``grpo.scale_rewards: none``): r - mean.
+    """
     grouped = rewards.view(-1, group_size)
-    mean = grouped.mean(dim=1, keepdim=True)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred.view(-1)
     std = grouped.std(dim=1, keepdim=True, unbiased=False)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    return (centred / (std + eps)).view(-1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -175,8 +182,14 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def response_logprobs(model: torch.nn.Module, rollouts: Rollouts) -> torch.Tensor:
-    """Log-probabilities of the response tokens under ``model`` ([rows, max_new_tokens])."""
+def response_logprobs(
+    model: torch.nn.Module, rollouts: Rollouts, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities of the response tokens under ``model`` ([rows, max_new_tokens]).
+
+    Of the distribution the rollouts were sampled from: logits divided by the sampling
+    ``temperature`` (as TRL's GRPO does), for the policy, the old policy and the reference.
+    """
     mask = rollouts.attention_mask
     logits = model(
         input_ids=rollouts.sequences,
@@ -186,5 +199,7 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts) -> torch.Tenso
     ).logits
     start = rollouts.prompt_len
     shifted = logits[:, start - 1 : -1].float()
+    if temperature != 1.0:
+        shifted = shifted / temperature
     targets = rollouts.sequences[:, start:]
     return torch.gather(F.log_softmax(shifted, dim=-1), 2, targets.unsqueeze(2)).squeeze(2)
