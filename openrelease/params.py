@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -49,6 +49,18 @@ class Params(BaseModel):
     """Strict, immutable, self-documenting base for everything read from params.yaml."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset()
+    """Fields added after releases were recorded: left out of `digest_dump` at their default,
+    so a run recorded before a field existed keeps its params digest (and still replays)."""
+
+    def digest_dump(self) -> dict[str, Any]:
+        """The JSON form a params digest is taken of (`ADDED_LATER` fields at default left out)."""
+        dumped = self.model_dump(mode="json")
+        for name in self.ADDED_LATER:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                del dumped[name]
+        return dumped
 
 
 def _inside_project(path: str) -> str:
@@ -467,6 +479,8 @@ class GRPOParams(TrainStageParams):
     """Verifier weights; the reward is their weighted sum."""
     ppo_epochs: int = Field(default=1, ge=1)
     """Policy updates per batch of rollouts."""
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset({"scale_rewards"})
+
     scale_rewards: Literal["group", "none"] = "group"
     """Advantages: (reward - group mean) / group std ("group", GRPO as published; TRL's
     default), or reward - group mean unscaled ("none", Dr. GRPO: a group that is nearly all

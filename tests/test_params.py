@@ -111,3 +111,26 @@ def test_invalid_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"seed: \xff\n")
     with pytest.raises(ParamsError, match="not UTF-8"):
         load_params(path)
+
+
+def test_fields_added_later_keep_the_params_digest_of_earlier_runs() -> None:
+    """grpo.scale_rewards came after GRPO runs were recorded: at its default it is not in the
+    stage's params digest (an earlier run still replays), set otherwise it is."""
+    from openrelease.digest import sha256_json
+    from openrelease.train import stage_params_digest
+
+    params = load_params(TEST_PARAMS)
+    grpo = params.stage("grpo")
+    before = {k: v for k, v in grpo.model_dump(mode="json").items() if k != "scale_rewards"}
+    assert grpo.digest_dump() == before
+    recorded = sha256_json(
+        {
+            "seed": params.seed,
+            "model": params.model.model_dump(mode="json"),
+            "compute": params.compute.model_dump(mode="json"),
+            "grpo": before,
+        }
+    )
+    assert stage_params_digest(params, "grpo") == recorded
+    unscaled = grpo.model_copy(update={"scale_rewards": "none"})
+    assert unscaled.digest_dump()["scale_rewards"] == "none"

@@ -292,7 +292,7 @@ def stage_params_digest(params: PipelineParams, stage: StageName) -> str:
             "seed": params.seed,
             "model": params.model.model_dump(mode="json"),
             "compute": params.compute.model_dump(mode="json"),
-            stage: params.stage(stage).model_dump(mode="json"),
+            stage: params.stage(stage).digest_dump(),
         }
     )
 
