@@ -274,6 +274,12 @@ def test_pretrain_and_sft_start_from_a_pinned_hub_model(
     config.write_bytes(original + b" ")
     assert cached_base_model(spec, cache_dir=project) is None
     config.write_bytes(original)
+    pin = cached[0].with_name(f"{sha}.pin.json")
+    pin_bytes = pin.read_bytes()
+    pin.write_text("{not json")
+    assert cached_base_model(spec, cache_dir=project) is None  # damaged: back to the Hub
+    pin.write_bytes(pin_bytes)
+    assert cached_base_model(spec, cache_dir=project) is not None
     assert read_model(folder / "meta.json", CheckpointMeta).base_model == meta.base_model
 
     _bundle_with_the_base_model(project, tmp_path, rec, meta.base_model)

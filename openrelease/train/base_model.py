@@ -166,7 +166,11 @@ def cached_base_model(
     pin_path = workspace.hub_pin("model", parsed.repo, parsed.revision)
     if not pin_path.is_file():
         return None
-    pinned = read_model(pin_path, PinnedSource)
+    try:
+        pinned = read_model(pin_path, PinnedSource)
+    except ArtifactError:  # a damaged pin: the Hub says again what the commit holds
+        logger.info("%s: %s is unreadable; asking the Hub", what, pin_path)
+        return None
     if (pinned.kind, pinned.repo, pinned.commit) != ("hf", parsed.repo, parsed.revision):
         return None
     folder = workspace.hub_snapshot("model", parsed.repo, parsed.revision)
