@@ -6,6 +6,13 @@ CPU smoke test (tiny model, seconds, no MFU):
     python bench/train_throughput.py --smoke
 Prints one JSON line: tokens/s of each loop, our ratio to the plain loops, and MFU
 (flops_per_token = 6N + causal attention, vs the GPU's dense bf16 peak).
+
+The cost of determinism (issue 20: the recorded cost of ``compute.deterministic`` on GPU):
+    python bench/train_throughput.py --determinism [--smoke]
+runs our trainer once per ``compute.deterministic`` setting (false, true; portable too on CPU),
+each in a fresh process started with `openrelease.train.launch.launch_env` (the cuBLAS workspace
+and CPU kernel pins must be set before torch's first op), and prints one JSON line: tokens/s of
+each and the ratio of each to ``false``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,7 +97,8 @@ def plain_loop(args: argparse.Namespace, mp: ModelParams, *, compiled: bool) -> 
     """tokens/s of LlamaForCausalLM + AdamW (bf16 autocast on GPU), median of timed steps."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(mp, vocab_size=args.vocab_size).to(device)
+    model: torch.nn.Module = build_model(mp, vocab_size=args.vocab_size)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_fn = torch.compile(model) if compiled else model
     src = RandomTokens(vocab_size=args.vocab_size, seq_len=args.seq_len)
@@ -112,21 +121,25 @@ def plain_loop(args: argparse.Namespace, mp: ModelParams, *, compiled: bool) -> 
             times.append(time.perf_counter() - t0)
     del model, opt, step_fn
     _free()
-    return args.batch * args.seq_len / statistics.median(times)
+    return float(args.batch * args.seq_len / statistics.median(times))
 
 
-def our_loop(args: argparse.Namespace, mp: ModelParams) -> float:
-    """tokens/s of openrelease's trainer (FSDP2 world 1), median of its per-step metrics."""
+def _compute(args: argparse.Namespace, deterministic: bool | str = False) -> ComputeParams:
     on_gpu = args.device == "cuda"
-    compute = ComputeParams(
+    return ComputeParams(
         launcher="python",
         device=args.device,
         precision="bf16" if on_gpu else "fp32",
         compile=on_gpu and not args.no_compile,
         activation_checkpointing=args.ac,
-        deterministic=False,
+        deterministic=deterministic,
         num_threads=torch.get_num_threads(),
     )
+
+
+def our_loop(args: argparse.Namespace, mp: ModelParams) -> float:
+    """tokens/s of openrelease's trainer (FSDP2 world 1), median of its per-step metrics."""
+    compute = _compute(args, args.deterministic)
     total = args.warmup + args.steps
     params = TrainStageParams(
         num_steps=total,
@@ -161,11 +174,39 @@ def our_loop(args: argparse.Namespace, mp: ModelParams) -> float:
             distributed.teardown()
         rows = [json.loads(x) for x in (project / "artifacts/bench/metrics.jsonl").open()]
     _free()
-    return statistics.median(r["tokens_per_s"] for r in rows[args.warmup :])
+    return float(statistics.median(r["tokens_per_s"] for r in rows[args.warmup :]))
+
+
+DETERMINISM: dict[str, bool | str] = {"false": False, "true": True, "portable": "portable"}
+"""``compute.deterministic`` as params spell it, by its name in the output."""
+
+
+def determinism_cost(args: argparse.Namespace) -> dict[str, object]:
+    """Our trainer under each ``compute.deterministic`` setting, each in a fresh process."""
+    from openrelease.train.launch import launch_env
+
+    modes = ["false", "true"] + (["portable"] if args.device == "cpu" else [])
+    tps: dict[str, float] = {}
+    for mode in modes:
+        argv = [sys.executable, __file__, "--ours-only", "--deterministic", mode]
+        argv += [a for a in sys.argv[1:] if a not in ("--determinism",)]
+        env = launch_env(_compute(args, DETERMINISM[mode]))
+        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
+        tps[mode] = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    return {
+        "bench": "determinism_cost",
+        "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
+        "ratio_vs_false": {m: round(v / tps["false"], 4) for m, v in tps.items()},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--determinism", action="store_true", help="the cost of determinism (above)")
+    ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--deterministic", choices=sorted(DETERMINISM), default="false", help=argparse.SUPPRESS
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -181,6 +222,12 @@ def main() -> None:
     if args.smoke:
         mp, args.steps, args.warmup, args.batch = TINY, 3, 1, 4
         args.seq_len, args.vocab_size, args.no_compile = 64, 512, True
+        if args.determinism or args.ours_only:  # a ratio of medians: more steps than a smoke
+            args.steps, args.warmup = 30, 5
+    args.deterministic = DETERMINISM[args.deterministic]
+    if args.ours_only:  # one run of `determinism_cost`, in its own process
+        print(json.dumps({"tokens_per_s": our_loop(args, mp)}))
+        return
     fpt = flops_per_token(mp, vocab_size=args.vocab_size, seq_len=args.seq_len)
     peak = _peak(torch.device(args.device))
 
@@ -189,6 +236,12 @@ def main() -> None:
             return None
         return {"tokens_per_s": round(tps, 1), "mfu": round(tps * fpt / peak, 4) if peak else None}
 
+    if args.determinism:
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        run = {"device": device, "smoke": args.smoke, "torch": torch.__version__}
+        run |= {"seq_len": args.seq_len, "batch": args.batch, "steps": args.steps}
+        _emit({**determinism_cost(args), **run}, args.out)
+        return
     eager = plain_loop(args, mp, compiled=False)
     compiled = None if args.no_compile else plain_loop(args, mp, compiled=True)
     ours = our_loop(args, mp)
@@ -211,12 +264,17 @@ def main() -> None:
         "plain_compiled": entry(compiled),
         "ratio_vs_best_plain": round(ours / best_plain, 4),
     }
+    _emit(result, args.out)
+
+
+def _emit(result: dict[str, object], out: Path | None) -> None:
+    """Print ``result`` as one JSON line (and write it to ``out``)."""
     line = json.dumps(result, sort_keys=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
     print(line)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
