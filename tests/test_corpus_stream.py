@@ -36,7 +36,7 @@ def test_small_role_imports_are_never_held_whole(
     """Each imported record is spooled and dropped before the next one is read.
 
     Counts the records read still alive each time a new one is read; the stage before
-    streaming (`importers.read_source`: every record of an import in a list) held them all.
+    streaming (every record of an import in a list) held them all.
     """
     read_jsonl, alive, counts = importers._read_jsonl, [0], []
 

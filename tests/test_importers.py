@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from openrelease.data import importers
-from openrelease.data.importers import open_source, read_source
+from openrelease.data.importers import SourceStream, open_source
 from openrelease.data.stage import build_data
 from openrelease.data.store import DataStore
 from openrelease.errors import DataError
@@ -15,12 +15,18 @@ def _spec(path: str, fmt: str = "jsonl", role: str = "sft", **kw: str) -> Import
     return ImportParams.model_validate({"format": fmt, "path": path, "role": role, **kw})
 
 
+def _read(spec: ImportParams, project_dir: Path) -> tuple[SourceStream, list[dict[str, str]]]:
+    """Open ``spec`` and read all its records (the stream's sha256 is final after)."""
+    stream = open_source(spec, project_dir=project_dir)
+    return stream, list(stream)
+
+
 def test_jsonl_roundtrip(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text(
         '{"prompt": "p1", "response": "r1"}\n\n{"prompt": "p2", "response": "r2", "x": 1}\n'
     )
-    src = read_source(_spec("a.jsonl"), project_dir=tmp_path)
-    assert src.records == [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    src, records = _read(_spec("a.jsonl"), tmp_path)
+    assert records == [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
     assert src.sha256.startswith("sha256:")
 
 
@@ -39,18 +45,18 @@ def test_jsonl_roundtrip(tmp_path: Path) -> None:
 def test_jsonl_errors_name_file_and_line(tmp_path: Path, content: bytes, match: str) -> None:
     (tmp_path / "a.jsonl").write_bytes(content)
     with pytest.raises(DataError, match=match):
-        read_source(_spec("a.jsonl"), project_dir=tmp_path)
+        _read(_spec("a.jsonl"), tmp_path)
 
 
 def test_text_blocks_and_role_check(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text("first doc\nline two\n\n\nsecond doc\n")
-    src = read_source(_spec("t.txt", "text", "pretrain"), project_dir=tmp_path)
-    assert [r["text"] for r in src.records] == ["first doc\nline two", "second doc"]
+    _, records = _read(_spec("t.txt", "text", "pretrain"), tmp_path)
+    assert [r["text"] for r in records] == ["first doc\nline two", "second doc"]
     with pytest.raises(DataError, match="text files can only feed role pretrain"):
-        read_source(_spec("t.txt", "text", "sft"), project_dir=tmp_path)
+        _read(_spec("t.txt", "text", "sft"), tmp_path)
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xfe\n")
     with pytest.raises(DataError, match=r"bad.txt:2: not valid UTF-8"):
-        read_source(_spec("bad.txt", "text", "pretrain"), project_dir=tmp_path)
+        _read(_spec("bad.txt", "text", "pretrain"), tmp_path)
 
 
 def test_records_are_read_lazily(tmp_path: Path) -> None:
@@ -95,7 +101,7 @@ def test_text_utf8_error_names_its_line_at_any_chunk_size(
     for chunk in (1, 2, 4, 1 << 20):
         monkeypatch.setattr(importers, "READ_CHUNK_BYTES", chunk)
         with pytest.raises(DataError, match=r"bad.txt:5: not valid UTF-8"):
-            read_source(_spec("bad.txt", "text", "pretrain"), project_dir=tmp_path)
+            _read(_spec("bad.txt", "text", "pretrain"), tmp_path)
 
 
 def test_parquet(tmp_path: Path) -> None:
@@ -103,31 +109,29 @@ def test_parquet(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "d.parquet")
-    src = read_source(
-        _spec("d.parquet", "parquet", "pretrain", text_field="body"), project_dir=tmp_path
-    )
-    assert [r["text"] for r in src.records] == ["one", "two"]
+    _, records = _read(_spec("d.parquet", "parquet", "pretrain", text_field="body"), tmp_path)
+    assert [r["text"] for r in records] == ["one", "two"]
     with pytest.raises(DataError, match=r"d.parquet:row 1: missing field 'text'"):
-        read_source(_spec("d.parquet", "parquet", "pretrain"), project_dir=tmp_path)
+        _read(_spec("d.parquet", "parquet", "pretrain"), tmp_path)
     (tmp_path / "x.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):
-        read_source(_spec("x.parquet", "parquet", "pretrain"), project_dir=tmp_path)
+        _read(_spec("x.parquet", "parquet", "pretrain"), tmp_path)
 
 
 def test_hf_datasets_folder(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"prompt": ["2+2?", "3+3?"], "answer": ["4", "6"]})
     ds.save_to_disk(str(tmp_path / "ds"))
-    src = read_source(_spec("ds", "hf_datasets", "grpo"), project_dir=tmp_path)
-    assert src.records == [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+    _, records = _read(_spec("ds", "hf_datasets", "grpo"), tmp_path)
+    assert records == [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
     (tmp_path / "notds").mkdir()
     with pytest.raises(DataError, match="not a Hugging Face datasets folder"):
-        read_source(_spec("notds", "hf_datasets", "grpo"), project_dir=tmp_path)
+        _read(_spec("notds", "hf_datasets", "grpo"), tmp_path)
 
 
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
-        read_source(_spec("nope.jsonl"), project_dir=tmp_path)
+        _read(_spec("nope.jsonl"), tmp_path)
 
 
 def test_imports_join_the_corpus_and_are_hashed(
@@ -169,11 +173,11 @@ def test_dpo_pairs_from_jsonl_parquet_and_hf_datasets(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "pds"))
     for path, fmt in (("p.jsonl", "jsonl"), ("p.parquet", "parquet"), ("pds", "hf_datasets")):
-        src = read_source(_spec(path, fmt, "dpo"), project_dir=tmp_path)
-        assert src.records == rows, fmt
+        _, records = _read(_spec(path, fmt, "dpo"), tmp_path)
+        assert records == rows, fmt
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'rejected' needed by role"):
-        read_source(_spec("bad.jsonl", "jsonl", "dpo"), project_dir=tmp_path)
+        _read(_spec("bad.jsonl", "jsonl", "dpo"), tmp_path)
 
 
 def test_imported_pairs_hold_out_an_eval_share(tmp_path: Path, tiny_params: PipelineParams) -> None:

@@ -277,11 +277,10 @@ def _add_problems(out: dict[str, RecordWriter], params: DataParams, seed: int) -
         }
         for p in problems
     ]
-    _write_all(out["eval_problems"], as_rows[:p_eval])
+    out["eval_problems"].write_all(as_rows[:p_eval])
     rest = as_rows[p_eval:]
     n_sft, n_distill = int(len(rest) * 0.4), int(len(rest) * 0.3)
-    _write_all(
-        out["sft"],
+    out["sft"].write_all(
         (
             {"prompt": r["prompt"], "response": format_answer(r["answer"]), "source": "synthetic"}
             for r in rest[:n_sft]
@@ -289,26 +288,17 @@ def _add_problems(out: dict[str, RecordWriter], params: DataParams, seed: int) -
     )
     # Preference pairs reuse the sft problems with worked answers: a correct one over a wrong one.
     sft_problems = problems[p_eval : p_eval + n_sft]
-    _write_all(
-        out["dpo"], _pair_rows(synthetic.preference_pairs(seed, sft_problems, label="train"))
-    )
-    _write_all(
-        out["eval_dpo"],
+    out["dpo"].write_all(_pair_rows(synthetic.preference_pairs(seed, sft_problems, label="train")))
+    out["eval_dpo"].write_all(
         _pair_rows(synthetic.preference_pairs(seed, problems[:p_eval], label="eval")),
     )
-    _write_all(out["distill"], rest[n_sft : n_sft + n_distill])
-    _write_all(
-        out["grpo"],
+    out["distill"].write_all(rest[n_sft : n_sft + n_distill])
+    out["grpo"].write_all(
         (
             {"prompt": r["prompt"], "answer": r["answer"], "source": "synthetic"}
             for r in rest[n_sft + n_distill :]
         ),
     )
-
-
-def _write_all(out: RecordWriter, rows: Iterable[dict[str, str]]) -> None:
-    for row in rows:
-        out.write(row)
 
 
 def _pair_rows(pairs: list[synthetic.PreferencePair]) -> Iterator[dict[str, str]]:

@@ -1,10 +1,9 @@
 """Importers for user data: JSONL, plain text, Parquet, local HF `datasets` folders, Hub datasets.
 
 Each gives plain records for one role and the sha256 of what it read; bad input names file:line.
-`open_source` checks an import and reads its records lazily, a batch at a time (a pretraining
-corpus never sits in memory whole); `read_source` reads them all into a list. A Hub dataset
-(``format: hub``) is pinned to a commit and its Parquet files are checked against the Hub's LFS
-sha256 before pyarrow reads them.
+`open_source` checks an import and reads its records lazily, a batch at a time (no import ever
+sits in memory whole). A Hub dataset (``format: hub``) is pinned to a commit and its Parquet
+files are checked against the Hub's LFS sha256 before pyarrow reads them.
 """
 
 from __future__ import annotations
@@ -36,17 +35,6 @@ READ_CHUNK_BYTES = 1 << 20
 """Bytes of a text file decoded at a time."""
 TABLE_BATCH_ROWS = 1024
 """Rows of a Parquet file converted to records at a time."""
-
-
-@dataclass(frozen=True)
-class ImportedSource:
-    """Records read from one source, with the digest of the bytes they came from."""
-
-    path: str
-    sha256: str
-    records: list[dict[str, str]]
-    license: str | None = None
-    pinned: PinnedSource | None = None
 
 
 @dataclass
@@ -365,16 +353,3 @@ def open_source(spec: ImportParams, *, project_dir: Path) -> SourceStream:
         case "parquet":
             rows = _read_parquet(path, spec)
     return SourceStream(spec=spec, path=spec.path, rows=rows, sha256=digest, license=spec.license)
-
-
-def read_source(spec: ImportParams, *, project_dir: Path) -> ImportedSource:
-    """Read one import into records for its role; bad input raises `DataError` with file:line."""
-    stream = open_source(spec, project_dir=project_dir)
-    records = list(stream)
-    return ImportedSource(
-        path=stream.path,
-        sha256=stream.sha256,
-        records=records,
-        license=stream.license,
-        pinned=stream.pinned,
-    )

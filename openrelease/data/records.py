@@ -2,10 +2,10 @@
 
 A record is one line: the object with sorted keys, UTF-8 (not ASCII-escaped), then a newline.
 `RecordWriter` writes a file record by record to a temp name beside it, fsyncs it and renames
-it into place when closed without an error, so a file is whole or absent (`write_records` for
-a list); `iter_records` reads one back lazily (orjson, 2.5x the standard library's speed: the
-same dict for every line written here), `iter_lines` with each record's line, which
-`FieldSplicer` extends with new fields without encoding the record's values again.
+it into place when closed without an error, so a file is whole or absent; `iter_records` reads
+one back lazily (orjson, 2.5x the standard library's speed: the same dict for every line
+written here), `iter_lines` with each record's line, which `FieldSplicer` extends with new
+fields without encoding the record's values again.
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ class RecordWriter:
         self._file.write(record_line(record))
         self.num_records += 1
 
+    def write_all(self, records: Iterable[dict[str, str]]) -> None:
+        """Append every record of ``records``, one at a time."""
+        for record in records:
+            self.write(record)
+
     def __enter__(self) -> RecordWriter:
         return self
 
@@ -132,11 +137,3 @@ class RecordWriter:
             size=self.path.stat().st_size,
             num_records=self.num_records,
         )
-
-
-def write_records(path: Path, records: Iterable[dict[str, str]]) -> DatasetEntry:
-    """Write ``records`` to ``path`` (whole or absent); the file's manifest entry."""
-    with RecordWriter(path) as out:
-        for record in records:
-            out.write(record)
-    return out.entry()
