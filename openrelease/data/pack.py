@@ -179,8 +179,13 @@ def pack_documents(
     return Packed(progress.shards, work_dir / DOCS_FILE, num_seqs, resumed)
 
 
-def _with_markers(encoded: Encoded, head: list[int], eos_id: int) -> Encoded:
-    """The chunk as stream tokens, ``head + ids + eos`` per document, and each one's length."""
+def _with_markers(
+    encoded: Encoded, head: list[int], eos_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The chunk as stream tokens, ``head + ids + eos`` per document.
+
+    Returns the stream, each document's length in it and where each one ends.
+    """
     flat, lengths = encoded
     sizes = lengths + len(head) + 1
     ends = np.cumsum(sizes)
@@ -191,7 +196,7 @@ def _with_markers(encoded: Encoded, head: list[int], eos_id: int) -> Encoded:
         stream[starts + j], is_id[starts + j] = token, False
     stream[ends - 1], is_id[ends - 1] = eos_id, False
     stream[is_id] = flat
-    return stream, sizes
+    return stream, sizes, ends
 
 
 def _pack_stream(
@@ -218,10 +223,9 @@ def _pack_stream(
         index = progress.next_doc
         splice = FieldSplicer(("offset", "length"))
         for docs, ids in encoded:
-            stream, sizes = _with_markers(ids, head, eos_id)
+            stream, sizes, ends = _with_markers(ids, head, eos_id)
             taken = 0  # the chunk's stream tokens before this are in progress.carry
-            ends = np.cumsum(sizes).tolist()
-            for (line, doc), length, end in zip(docs, sizes.tolist(), ends, strict=True):
+            for (line, doc), length, end in zip(docs, sizes.tolist(), ends.tolist(), strict=True):
                 out.write(splice(line, doc, (str(progress.stream_tokens), str(length))))
                 progress.stream_tokens += length
                 index += 1
